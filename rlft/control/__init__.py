@@ -1,0 +1,1 @@
+"""rlft.control (see DESIGN.md)."""

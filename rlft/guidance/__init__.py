@@ -1,0 +1,1 @@
+"""rlft.guidance (see DESIGN.md)."""

@@ -1,0 +1,171 @@
+"""The reward protocol, the checked call every learner goes through, and the registry YAML names.
+
+A reward maps a batch x (B, *event) to r (B,). It is differentiable where its math allows
+(`differentiable = True`), may carry a genuine reward r* (`true_reward`) beside the nominal r (e.g. a
+learned oracle r next to an exact lookup r*), and may declare a closed form (`exact_form`) for which the
+exact tilted target is known (`rlft.models.gmm.GaussianMixture.tilt`).
+
+A YAML task names a reward by its registry name (`reward: {type: quadratic, center: [...], scale: 2}`) or
+by an import path to the user's own class or function (`reward: {type: "my_pkg.rewards:MyReward", ...}`);
+the remaining keys are the constructor's keyword arguments, checked against its signature.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+import torch
+
+
+class RewardError(ValueError):
+    """A reward returned something unusable (NaN/inf, wrong shape, not a tensor)."""
+
+
+class Reward:
+    """Base class of rewards: override `__call__` (and optionally `true_reward`)."""
+
+    #: Registry / display name.
+    name: str = "reward"
+    #: Whether gradients of r with respect to x are meaningful (differentiable learners need them).
+    differentiable: bool = True
+    #: ("quadratic", {"center", "scale"}) or ("linear", {"direction"}) when the tilt has a closed form.
+    exact_form: tuple[str, dict[str, Any]] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def has_true_reward(self) -> bool:
+        """True when the reward knows a genuine reward r* beside the nominal r."""
+        return type(self).true_reward is not Reward.true_reward
+
+    def true_reward(self, x: torch.Tensor) -> torch.Tensor:
+        """The genuine reward r* (defaults to r itself when the reward is the genuine one)."""
+        return self(x)
+
+    def to(self, device: str | torch.device) -> "Reward":
+        return self
+
+
+class FunctionReward(Reward):
+    """Wraps a plain function x -> r (a user's reward written as a function)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str | None = None, differentiable: bool = True):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+        self.differentiable = differentiable
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def check_reward_values(values: Any, batch: int, name: str, what: str = "reward") -> torch.Tensor:
+    """Checks a reward's output: a finite tensor of shape (batch,). Raises `RewardError` naming the index."""
+    if not isinstance(values, torch.Tensor):
+        raise RewardError(f"{what} {name!r} must return a torch.Tensor of shape ({batch},) (got {type(values).__name__})")
+    if values.shape != (batch,):
+        hint = " (did you forget to sum over the event dimensions?)" if values.ndim > 1 and values.shape[0] == batch else ""
+        raise RewardError(
+            f"{what} {name!r} must return shape ({batch},), one value per sample (got {tuple(values.shape)}){hint}"
+        )
+    bad = ~torch.isfinite(values.detach())
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise RewardError(
+            f"{what} {name!r} returned {values[i].item()} at batch index {i} "
+            f"({int(bad.sum())} of {batch} values are NaN/inf); fix the reward or clip its input"
+        )
+    return values
+
+
+def evaluate(reward: Reward | Callable, x: torch.Tensor, true: bool = False) -> torch.Tensor:
+    """r(x) (or r*(x) with true=True), checked for shape and finiteness; keeps gradients."""
+    name = getattr(reward, "name", getattr(reward, "__name__", type(reward).__name__))
+    values = reward.true_reward(x) if true else reward(x)
+    return check_reward_values(values, x.shape[0], name, "true_reward" if true else "reward")
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str) -> Callable:
+    """Class (or factory) decorator: makes `reward: {type: name, ...}` available in YAML."""
+
+    def wrap(factory):
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
+        _REGISTRY[name] = factory
+        if isinstance(factory, type):
+            factory.name = name
+        return factory
+
+    return wrap
+
+
+def registered_rewards() -> list[str]:
+    """Names usable as `reward.type`."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    import rlft.rewards.builtin  # noqa: F401  (registers the built-in rewards)
+
+
+def resolve_reward(type_name: str) -> Callable[..., Reward]:
+    """The factory behind a registry name or a "module:attribute" import path."""
+    _load_builtins()
+    if type_name in _REGISTRY:
+        return _REGISTRY[type_name]
+    if ":" in type_name:
+        module_name, _, attr = type_name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"reward.type {type_name!r}: cannot import module {module_name!r} ({err})") from err
+        try:
+            return getattr(module, attr)
+        except AttributeError:
+            raise ValueError(f"reward.type {type_name!r}: module {module_name!r} has no attribute {attr!r}") from None
+    raise ValueError(
+        f"reward.type {type_name!r} is not a registered reward; choose one of {registered_rewards()} "
+        "or give an import path 'module:ClassOrFunction'"
+    )
+
+
+def build_reward(spec: dict[str, Any], path: str = "reward", **context: Any) -> Reward:
+    """Builds a reward from its YAML mapping; `context` (e.g. model=...) is passed where the factory accepts it.
+
+    A plain function whose signature is (x) becomes a `FunctionReward`; a class or factory is called with
+    the remaining keys as keyword arguments, each checked against its signature.
+    """
+    from rlft.config import ConfigError, check_kwargs
+
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{path} must be a mapping with a 'type' key (got {spec!r})")
+    params = {k: v for k, v in spec.items() if k != "type"}
+    try:
+        factory = resolve_reward(spec["type"])
+    except ValueError as err:
+        raise ConfigError(f"{path}.type: {err}") from None
+    if not isinstance(factory, type) and not params and _is_plain_reward_fn(factory):
+        return FunctionReward(factory, name=spec["type"])
+    kwargs = check_kwargs(factory, params, path, context)
+    out = factory(**kwargs)
+    if isinstance(out, Reward):
+        return out
+    if callable(out):
+        return FunctionReward(out, name=spec["type"])
+    raise ConfigError(f"{path}.type {spec['type']!r} did not produce a reward (got {type(out).__name__})")
+
+
+def _is_plain_reward_fn(fn: Callable) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1

@@ -1,0 +1,1 @@
+"""rlft.rllib (see DESIGN.md)."""
