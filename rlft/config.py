@@ -21,7 +21,7 @@ import inspect
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -256,6 +256,11 @@ class TaskConfig:
     """Seed of every random draw in the run."""
     learner: dict[str, Any] | None = None
     """The learner: {type: NAME, ...} (learner-specific keys are checked by the learner)."""
+    run: dict[str, Any] | None = None
+    """How `rlft train` / `rlft sweep` run it: iterations, evaluation, checkpoints, resources, storage
+    (checked by `rlft.run_config.RunConfig`)."""
+    sweep: dict[str, Any] | None = None
+    """Grid for `rlft sweep`: {dotted.key: [values, ...]}, e.g. {alpha: [0.1, 0.3, 1.0]}."""
 
     def __post_init__(self) -> None:
         learner_type = (self.learner or {}).get("type")

@@ -13,6 +13,7 @@ Notation: delta `delta` (control displacement), s_k `std`, m_k `mean`, nu `init`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -35,7 +36,24 @@ class InitialDistribution(Protocol):
 
 def step_kl(delta: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
     """KL(N(m + delta, s^2 I) || N(m, s^2 I)) = |delta|^2 / (2 s^2), summed over the event, shape (B,)."""
-    return 0.5 * delta.reshape(delta.shape[0], -1).pow(2).sum(-1) / (torch.as_tensor(std) ** 2)
+    if isinstance(std, torch.Tensor):
+        std = std.to(delta.dtype)
+    return 0.5 * delta.reshape(delta.shape[0], -1).pow(2).sum(-1) / std**2
+
+
+def action_log_prob(action: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """log N(a; 0, s^2 I) summed over the event, shape (B,): the pretrained log-density of a drift action.
+
+    With the drift env's convention a_k = x_{k+1} - m_k(x_k) (`envs.drift`), the pretrained policy is N(0, s_k^2 I),
+    so this is also the pretrained transition log-density log N(x_{k+1}; m_k(x_k), s_k^2 I).
+    """
+    flat = action.reshape(action.shape[0], -1)
+    if isinstance(std, torch.Tensor):
+        std = std.to(flat.dtype)
+        log_std = torch.log(std)
+    else:
+        log_std = math.log(std)
+    return -0.5 * flat.pow(2).sum(-1) / std**2 - flat.shape[1] * (log_std + 0.5 * math.log(2 * math.pi))
 
 
 def transition(

@@ -70,7 +70,8 @@ class LevelCoefficients:
     alpha = ab / ab', beta = 1 - alpha, and the Tweedie estimate x0 = (x + (1 - ab) score) / sqrt(ab):
 
         mean = sqrt(ab') beta / (1 - ab) * x0 + sqrt(alpha) (1 - ab') / (1 - ab) * x      (DDPM eq. 7)
-        std  = sqrt((1 - ab') / (1 - ab) * beta)
+        std  = sqrt(beta)                          variance="large" (DDPM's sigma^2 = beta, the default)
+        std  = sqrt((1 - ab') / (1 - ab) * beta)   variance="small" (the posterior variance)
         ode  = sqrt(ab') x0 - sqrt(1 - ab') sqrt(1 - ab) score                              (DDIM, eta = 0)
         forward kernel level s' -> s:  x_s = sqrt(alpha) x_s' + sqrt(beta) eps
     """
@@ -87,8 +88,16 @@ class LevelCoefficients:
     kernel_std: list[float]  # forward kernel level k+1 -> k: std, (K,)
 
     @staticmethod
-    def from_alpha_bars(alpha_bar: list[float], times: list[float]) -> "LevelCoefficients":
-        """Builds the coefficients from alpha_bar at the K+1 levels (decreasing noise)."""
+    def from_alpha_bars(alpha_bar: list[float], times: list[float], variance: str = "large") -> "LevelCoefficients":
+        """Builds the coefficients from alpha_bar at the K+1 levels (decreasing noise).
+
+        The exact reverse variance of Gaussian data N(0, v0) is beta * v_{s'} / v_s, between "small"
+        (v0 -> 0) and "large" (v0 = 1). Measured on a 2-D mixture at K = 100 (stds 0.4, oracle control):
+        "large" reaches 0.98 of the gap to J* and 1.4x the exact-vs-exact energy-distance floor, "small"
+        0.97 and 2.3x (its samples are under-dispersed by ~15 % in variance), so "large" is the default.
+        """
+        if variance not in ("large", "small"):
+            raise ValueError(f"variance must be 'large' or 'small' (got {variance!r})")
         mean_x, mean_score, std, ode_x, ode_score, kscale, kstd, dt = [], [], [], [], [], [], [], []
         for k in range(len(alpha_bar) - 1):
             ab, ab_next = alpha_bar[k], alpha_bar[k + 1]
@@ -99,7 +108,7 @@ class LevelCoefficients:
             cx = math.sqrt(alpha) * (1.0 - ab_next) / (1.0 - ab)
             mean_x.append(cx + c0 / math.sqrt(ab))
             mean_score.append(c0 * (1.0 - ab) / math.sqrt(ab))
-            std.append(math.sqrt((1.0 - ab_next) / (1.0 - ab) * beta))
+            std.append(math.sqrt(beta if variance == "large" else (1.0 - ab_next) / (1.0 - ab) * beta))
             # ode = sqrt(ab') x0 + sqrt(1 - ab') eps,  eps = -sqrt(1 - ab) score
             ode_x.append(math.sqrt(ab_next) / math.sqrt(ab))
             ode_score.append(math.sqrt(ab_next) * (1.0 - ab) / math.sqrt(ab) - math.sqrt(1.0 - ab_next) * math.sqrt(1.0 - ab))

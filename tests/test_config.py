@@ -1,0 +1,85 @@
+"""Task YAML validation: every bad input names its key path, the rule and the fix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from rlft.config import DEFAULT_TASK, ConfigError, load_task, task_from_dict
+from rlft.models import build_model
+
+
+def _task(**changes):
+    data = copy.deepcopy(DEFAULT_TASK)
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            data[section][sub] = value
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"alpha": -1.0}, r"alpha must be > 0 \(got -1.0\); use alpha=0 only with learner type 'no_kl'"),
+        ({"alpha": 0.0}, r"alpha must be > 0"),
+        ({"alpha": "big"}, r"alpha must be a number \(got 'big'\)"),
+        ({"num_steps": 2.5}, r"num_steps must be an integer"),
+        ({"num_steps": 0}, r"num_steps must be >= 1"),
+        ({"typo_key": 1}, r"typo_key is not a known key; valid keys here: \['alpha'"),
+        ({"model__colour": "red"}, r"model.colour is not a known key"),
+        ({"model__type": "vae"}, r"model.type must be one of \['diffusers', 'gmm', 'scorenet'\]"),
+        ({"model__weights": [0.5, 0.5]}, r"model.weights has 2 entries but model.means has 4 components"),
+        ({"model__means": [[0, 0], [1]]}, r"model.means must be C lists of the same length D"),
+        ({"model__means": "origin"}, r"model.means must be a list of list of float"),
+        ({"model__stds": [1, 1]}, r"model.stds has 2 entries"),
+        ({"reward": {"center": [0, 0]}}, r"reward.type is required"),
+        ({"seed": True}, r"seed must be an integer"),
+    ],
+)
+def test_bad_task_is_rejected_with_key_path(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        task_from_dict(_task(**changes))
+
+
+def test_alpha_zero_is_allowed_with_no_kl():
+    assert task_from_dict(_task(alpha=0.0, learner={"type": "no_kl"})).alpha == 0.0
+
+
+def test_mixture_values_are_checked_when_built():
+    task = task_from_dict(_task(model__weights=[0.5, 0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        build_model(task.model, task.num_steps)
+
+
+def test_missing_model_path_names_the_fix(tmp_path):
+    task = task_from_dict(_task(model={"type": "scorenet", "path": str(tmp_path / "nope")}))
+    with pytest.raises(FileNotFoundError, match=r"model.path .*nope.* does not exist; pretrain .*rlft pretrain"):
+        build_model(task.model, task.num_steps)
+
+
+def test_yaml_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(DEFAULT_TASK))
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nalpha: 0.3\nreward: {scale: 2.0}\n")
+    task = load_task(tmp_path / "child.yaml")
+    assert task.alpha == 0.3 and task.reward["scale"] == 2.0 and task.reward["type"] == "quadratic"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_task(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_task(tmp_path / "bad.yaml")
+
+
+def test_unknown_reward_argument_names_the_path():
+    from rlft.rewards import build_reward
+
+    with pytest.raises(ConfigError, match=r"reward.radius is not a parameter of QuadraticReward"):
+        build_reward({"type": "quadratic", "center": [0, 0], "radius": 1})
+    with pytest.raises(ConfigError, match=r"reward.type: .*'nonsense' is not a registered reward; choose one of"):
+        build_reward({"type": "nonsense"})
+    with pytest.raises(ConfigError, match=r"reward.scale must be a number"):
+        build_reward({"type": "quadratic", "center": [0, 0], "scale": "x"})
