@@ -9,7 +9,9 @@ every command that reports a run is this dict.
                         else alpha * log-mean-exp(r/alpha) over pretrained samples (Donsker-Varadhan)
     gap_closure       = (J - J_pre) / (J* - J_pre)
     energy_distance   = to exact target samples (when the target is known), with the exact-vs-exact
-                        figure at the same sample size as `energy_distance_floor`
+                        figure at the same sample size as `energy_distance_floor`; both average the
+                        V-statistic over 8 disjoint blocks (measured: with 8-16 blocks a correct sampler
+                        never exceeded 2x the floor in 40 repeats, with 1-4 blocks it did 5-8 % of the time)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ ENERGY_DISTANCE_FLOOR = "energy_distance_floor"
 SLICED_WASSERSTEIN = "sliced_wasserstein"
 PRETRAINED = "pretrained"
 NUM_SAMPLES = "num_samples"
+ENERGY_BLOCKS = 8
 
 _PRETRAINED_CACHE: dict[tuple, dict[str, Any]] = {}
 
@@ -99,7 +102,7 @@ def evaluate_run(
     out[GAP_CLOSURE] = metrics.gap_closure(out[OBJECTIVE], pre[OBJECTIVE], pre[OPTIMAL_OBJECTIVE])
     target_x = pre.get("_target_x")
     if target_x is not None:
-        out[ENERGY_DISTANCE] = metrics.energy_distance(tuned.x.double(), target_x)
+        out[ENERGY_DISTANCE] = metrics.energy_distance(tuned.x.double(), target_x, _block(num_samples))
         out[ENERGY_DISTANCE_FLOOR] = pre[ENERGY_DISTANCE_FLOOR]
         out[SLICED_WASSERSTEIN] = metrics.sliced_wasserstein(tuned.x.double(), target_x, seed=seed)
     pre_public = {k: v for k, v in pre.items() if not k.startswith("_")}
@@ -123,8 +126,8 @@ def _pretrained_figures(model, reward, alpha, n, seed, progress) -> dict[str, An
         g = torch.Generator().manual_seed(seed + 1)
         target_x = target.mixture.sample(n, g)
         out["_target_x"] = target_x
-        out[ENERGY_DISTANCE] = metrics.energy_distance(pre.x.double(), target_x)
-        out[ENERGY_DISTANCE_FLOOR] = metrics.energy_distance(target.mixture.sample(n, g), target_x)
+        out[ENERGY_DISTANCE] = metrics.energy_distance(pre.x.double(), target_x, _block(n))
+        out[ENERGY_DISTANCE_FLOOR] = metrics.energy_distance(target.mixture.sample(n, g), target_x, _block(n))
         out[SLICED_WASSERSTEIN] = metrics.sliced_wasserstein(pre.x.double(), target_x, seed=seed)
     else:
         extra = sample(model, 3 * n, seed=seed + 1, progress=progress, desc="pretrained (J*)")
@@ -139,6 +142,10 @@ def _pretrained_figures(model, reward, alpha, n, seed, progress) -> dict[str, An
         _PRETRAINED_CACHE.clear()
     _PRETRAINED_CACHE[key] = out
     return out
+
+
+def _block(n: int) -> int:
+    return max(64, n // ENERGY_BLOCKS)
 
 
 def clear_cache() -> None:

@@ -81,3 +81,5 @@ class DistanceToModeReward(Reward):
         flat = x.reshape(x.shape[0], -1)
         d = torch.cdist(flat, self.modes.to(flat))  # (B, C)
         return -self.scale * d.min(dim=1).values
+
+import rlft.divergences, rlft.rewards.oracle  # noqa: E401,F401,E402  (registers f_regularised and mlp_oracle)
