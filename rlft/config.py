@@ -237,7 +237,22 @@ class DiffusersModelConfig:
     """Subfolder of `path` with the scheduler config."""
 
 
-ModelConfig = Union[GMMModelConfig, ScoreNetModelConfig, DiffusersModelConfig]
+@dataclass(frozen=True)
+class TFBind8ModelConfig:
+    """The TFBind8 sequence diffusion (8x4 one-hot DNA), trained on first use into a cache (`rlft.tasks.tfbind8`)."""
+
+    type: Literal["tfbind8"]
+    cache_dir: Union[str, None] = None
+    """Cache root (default $RLFT_CACHE, else ~/.cache/rlft)."""
+    pretrain_steps: int = 4000
+    """Denoising-score-matching steps when the model is built."""
+    hidden: int = 64
+    """Transformer width of the score network."""
+    depth: int = 1
+    """Transformer layers of the score network."""
+
+
+ModelConfig = Union[GMMModelConfig, ScoreNetModelConfig, DiffusersModelConfig, TFBind8ModelConfig]
 
 
 @dataclass(frozen=True)
@@ -275,9 +290,12 @@ class TaskConfig:
 
 
 def _merge(base: dict, override: dict) -> dict:
+    """Recursive merge; a mapping whose `type` changes replaces the base mapping whole (its keys differ)."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        same_kind = isinstance(old, dict) and isinstance(v, dict) and v.get("type", old.get("type")) == old.get("type")
+        out[k] = _merge(old, v) if same_kind else v
     return out
 
 

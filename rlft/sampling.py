@@ -53,7 +53,8 @@ def action_log_prob(action: torch.Tensor, std: float | torch.Tensor) -> torch.Te
         log_std = torch.log(std)
     else:
         log_std = math.log(std)
-    return -0.5 * flat.pow(2).sum(-1) / std**2 - flat.shape[1] * (log_std + 0.5 * math.log(2 * math.pi))
+    sq = torch.linalg.vecdot(flat, flat)  # |a|^2 per row, (B,): one kernel (the env calls this every step)
+    return sq * (-0.5 / std**2) - flat.shape[1] * (log_std + 0.5 * math.log(2 * math.pi))
 
 
 def transition(

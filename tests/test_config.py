@@ -32,7 +32,7 @@ def _task(**changes):
         ({"num_steps": 0}, r"num_steps must be >= 1"),
         ({"typo_key": 1}, r"typo_key is not a known key; valid keys here: \['alpha'"),
         ({"model__colour": "red"}, r"model.colour is not a known key"),
-        ({"model__type": "vae"}, r"model.type must be one of \['diffusers', 'gmm', 'scorenet'\]"),
+        ({"model__type": "vae"}, r"model.type must be one of \['diffusers', 'gmm', 'scorenet', 'tfbind8'\]"),
         ({"model__weights": [0.5, 0.5]}, r"model.weights has 2 entries but model.means has 4 components"),
         ({"model__means": [[0, 0], [1]]}, r"model.means must be C lists of the same length D"),
         ({"model__means": "origin"}, r"model.means must be a list of list of float"),
@@ -83,3 +83,9 @@ def test_unknown_reward_argument_names_the_path():
         build_reward({"type": "nonsense"})
     with pytest.raises(ConfigError, match=r"reward.scale must be a number"):
         build_reward({"type": "quadratic", "center": [0, 0], "scale": "x"})
+
+
+def test_override_with_another_type_replaces_the_mapping(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(DEFAULT_TASK))
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nreward: {type: linear, direction: [1.0, 0.0]}\n")
+    assert load_task(tmp_path / "child.yaml").reward == {"type": "linear", "direction": [1.0, 0.0]}
