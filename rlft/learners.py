@@ -91,6 +91,14 @@ def resolve_learner(name: str) -> Callable[..., Learner]:
         import importlib
 
         importlib.import_module(_LEARNER_MODULES[name])
+    if name not in _LEARNERS and ":" in name:  # a user's own learner, "module:Class" (importable on workers)
+        import importlib
+
+        module_name, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"learner.type {name!r} cannot be imported ({err}); check the 'module:Class' path") from None
     if name not in _LEARNERS:
         raise ConfigError(f"learner.type {name!r} is not a known learner; choose one of {learner_names()}")
     return _LEARNERS[name]

@@ -16,6 +16,11 @@ def build_model(cfg, num_steps: int) -> DiffusionModel:
     if cfg.type == "gmm":
         schedule = VPSchedule(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
         return GMMModel.create(cfg.weights, cfg.means, cfg.stds, num_steps=num_steps, schedule=schedule)
+    if cfg.type == "tfbind8":  # built once into a cache (rlft.tasks.tfbind8)
+        from rlft.tasks.tfbind8 import PretrainSettings, pretrained_model
+
+        settings = PretrainSettings(steps=cfg.pretrain_steps, hidden=cfg.hidden, depth=cfg.depth)
+        return pretrained_model(num_steps, cache_dir=cfg.cache_dir, settings=settings)
     path = Path(cfg.path)
     if cfg.type == "scorenet":
         if not path.is_dir():

@@ -83,3 +83,5 @@ class DistanceToModeReward(Reward):
         return -self.scale * d.min(dim=1).values
 
 import rlft.divergences, rlft.rewards.oracle  # noqa: E401,F401,E402  (registers f_regularised and mlp_oracle)
+import rlft.tasks.tfbind8  # noqa: E402,F401  (registers tfbind8_learned and tfbind8_exact; builds nothing on import)
+import rlft.rewards.digits  # noqa: E402,F401  (registers digit_classifier; trains nothing on import)

@@ -1,0 +1,460 @@
+"""`rlft bench elegant`: ELEGANT and its baselines on the exact Gaussian-mixture bed, memory against K, digits.
+
+Sections (`--sections`, default all but digits; `--digits` adds it):
+
+  gmm        ELEGANT with default options (`learner: {type: elegant}`) on 2-D and 8-D mixtures with a quadratic
+             reward, alpha in {0.1, 0.3, 1}, plus a second 2-D mixture/centre as a check against tuning to one
+             example: gap closure (J - J_pre)/(J* - J_pre), energy distance to exact target samples beside the
+             exact-vs-exact floor, KL, reward, diversity, wall and CPU time. PNGs: 2-D samples, reward vs KL.
+  ablation   a schedule with small beta_max, where a(T) is not tiny and nu* differs from nu_ini: ELEGANT
+             with and without learning the initial distribution (same budget).
+  baselines  the 2-D task at alpha = 1: ELEGANT against NO KL, Truncation, Random-K (defaults) and an
+             f-divergence regulariser; J is reported at the task's alpha for all.
+  memory     peak resident memory and time of one drift update for K in {50, 200, 1000}, with and without
+             gradient checkpointing, each in a fresh subprocess (peak RSS above the process's RSS before
+             the update; optionally under an address-space cap, `--memory-cap-mb`).
+  digits     LoRA fine-tuning of the digits UNet with the digit-classifier reward at alpha = 1: reward and KL
+             before/after, and a sample-grid PNG.
+
+Times: wall-clock and the process CPU time (a shared machine inflates the first, not the second; with one
+torch thread on an idle machine they agree). Every run uses `--threads` torch threads (default 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+SECTIONS = ("gmm", "ablation", "baselines", "memory", "digits")
+ALPHAS = (0.1, 0.3, 1.0)
+MEMORY_STEPS = (50, 200, 1000)
+#: energy distances are computed on this many samples of the fine-tuned sampler and of the exact target
+EVAL_SAMPLES = 2000
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "elegant", help="ELEGANT and baselines on the exact GMM bed, memory vs K, digits LoRA",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="which sections (default: all but digits)")
+    p.add_argument("--digits", action="store_true", help="also run the digits LoRA section")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run, not the benchmark's numbers)")
+    p.add_argument("--iterations", type=int, default=200, help="train_iteration() calls per run (default 200, the runner's default)")
+    p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"samples per evaluation (default {EVAL_SAMPLES})")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--memory-cap-mb", type=float, default=0.0, help="memory section: address-space cap above the baseline (0 = none)")
+    p.add_argument("--digits-model", default=None, help="digits: directory of a trained digits model (default: train one)")
+    p.add_argument("--out", default="rlft_bench_elegant", help="directory for PNGs and results.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+
+
+def gmm_task(name: str, alpha: float) -> dict[str, Any]:
+    """The bench's tasks: "2d" (the demo task), "2d_alt" (another mixture and centre), "8d", "ablation"."""
+    if name == "2d":
+        from rlft.config import DEFAULT_TASK
+
+        return {**DEFAULT_TASK, "alpha": alpha}
+    if name == "2d_alt":
+        model = {"type": "gmm", "weights": [0.5, 0.3, 0.2], "means": [[-1.5, 0.0], [1.5, 1.0], [0.0, -2.5]], "stds": [0.5, 0.3, 0.6]}
+        return {"model": model, "reward": {"type": "quadratic", "center": [-0.5, -1.5], "scale": 2.0}, "alpha": alpha, "num_steps": 100, "seed": 1}
+    if name == "8d":
+        import torch
+
+        g = torch.Generator().manual_seed(3)
+        means = (1.5 * torch.randn(4, 8, generator=g, dtype=torch.float64)).round(decimals=3).tolist()
+        model = {"type": "gmm", "weights": [0.25] * 4, "means": means, "stds": [0.4] * 4}
+        return {"model": model, "reward": {"type": "quadratic", "center": [0.5] * 8, "scale": 1.0}, "alpha": alpha, "num_steps": 100, "seed": 2}
+    if name == "ablation":
+        # mean 0 and covariance I, so the prior N(0, I) still matches the forward marginal at T although
+        # beta_max = 1 leaves a(T)^2 = 0.58: x_0 carries information about x_T and nu* is far from nu_ini
+        model = {"type": "gmm", "weights": [0.25] * 4, "means": [[0.8, 0.8], [-0.8, 0.8], [0.8, -0.8], [-0.8, -0.8]],
+                 "stds": [0.6] * 4, "beta_min": 0.1, "beta_max": 1.0}
+        return {"model": model, "reward": {"type": "quadratic", "center": [1.5, 1.5], "scale": 1.0}, "alpha": alpha, "num_steps": 100, "seed": 4}
+    raise ValueError(f"unknown bench task {name!r}")
+
+
+# -- one training run --------------------------------------------------------------------------------
+
+
+def train_run(task_data: dict, learner: dict, iterations: int, eval_samples: int, progress: bool, label: str) -> dict[str, Any]:
+    """Builds the task and learner, runs `iterations` train_iteration() calls, evaluates; figures + timings."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from rlft.config import task_from_dict
+    from rlft.learners import build_learner
+    from rlft.models import build_model
+    from rlft.rewards import build_reward
+
+    task = task_from_dict({**task_data, "learner": learner})
+    torch.manual_seed(task.seed)
+    model = build_model(task.model, task.num_steps)
+    reward = build_reward(task.reward, model=model)
+    lrn = build_learner(task, model, reward)
+    wall, cpu = time.perf_counter(), time.process_time()
+    metrics: dict[str, float] = {}
+    for _ in tqdm(range(iterations), desc=label, disable=not progress, leave=False, file=sys.stderr):
+        metrics = lrn.train_iteration()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    samples: dict = {}
+    from rlft.evaluation import evaluate_run
+
+    report = evaluate_run(model, reward, task.alpha, control=lrn.control(), init=lrn.init_dist(),
+                          num_samples=eval_samples, seed=task.seed + 1, samples_out=samples)
+    init = lrn.init_dist()
+    init_kl = 0.0
+    if init is not None:
+        with torch.no_grad():
+            init_kl = float(init.init_sample(eval_samples, torch.Generator().manual_seed(0))[1].mean())
+    return {
+        "label": label, "alpha": task.alpha, "learner": learner, "iterations": iterations, "wall_s": wall, "cpu_s": cpu,
+        "reward_queries": int(lrn.reward_queries), "init_kl": init_kl, "setup_metrics": {k: v for k, v in metrics.items()},
+        **{k: v for k, v in report.items()}, "_samples": samples,
+    }
+
+
+# -- sections -----------------------------------------------------------------------------------------
+
+
+def section_gmm(args, budget: dict) -> list[dict[str, Any]]:
+    rows = []
+    tasks = ("2d", "8d", "2d_alt")
+    for name in tasks:
+        for alpha in ALPHAS:
+            row = train_run(gmm_task(name, alpha), {"type": "elegant", **budget}, args.iterations, args.eval_samples,
+                            not args.no_progress, f"{name} alpha={alpha}")
+            row["task"] = name
+            rows.append(row)
+            _log(f"gmm {name} alpha={alpha}: " + _brief(row))
+    return rows
+
+
+def section_ablation(args, budget: dict) -> list[dict[str, Any]]:
+    rows = []
+    for learn_init in (True, False):
+        row = train_run(gmm_task("ablation", 1.0), {"type": "elegant", "learn_init": learn_init, **budget}, args.iterations,
+                        args.eval_samples, not args.no_progress, f"ablation learn_init={learn_init}")
+        row["task"], row["learn_init"] = "ablation", learn_init
+        rows.append(row)
+        _log(f"ablation learn_init={learn_init}: " + _brief(row))
+    return rows
+
+
+BASELINES = (
+    ("elegant", {"type": "elegant"}),
+    ("elegant, no init", {"type": "elegant", "learn_init": False}),
+    ("no_kl", {"type": "no_kl"}),
+    ("truncation", {"type": "truncation"}),
+    ("random_k", {"type": "random_k"}),
+    ("elegant, chi2", {"type": "elegant", "divergence": "chi2"}),
+)
+
+
+def section_baselines(args, budget: dict, reuse: dict | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for label, learner in BASELINES:
+        if label == "elegant" and reuse is not None:
+            row = dict(reuse)
+        else:
+            row = train_run(gmm_task("2d", 1.0), {**learner, **budget}, args.iterations, args.eval_samples,
+                            not args.no_progress, label)
+        row["task"], row["label"] = "2d", label
+        rows.append(row)
+        _log(f"baseline {label}: " + _brief(row))
+    return rows
+
+
+def section_memory(args, quick: bool) -> list[dict[str, Any]]:
+    """Each setting in a fresh subprocess: ru_maxrss is a per-process high-water mark."""
+    rows = []
+    batch = 64 if quick else 256
+    updates = 1 if quick else 3
+    for K in MEMORY_STEPS:
+        for ckpt in (False, True):
+            code = (
+                "import json; from rlft.benchmarks.elegant import memory_probe as m; "
+                f"print(json.dumps(m({K}, {ckpt}, {batch}, {updates}, {args.memory_cap_mb})))"
+            )
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                row = {"num_steps": K, "checkpointing": ckpt, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            _log(f"memory K={K} checkpointing={ckpt}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+    return rows
+
+
+def memory_probe(num_steps: int, checkpointing: bool, batch_size: int, updates: int, cap_mb: float) -> dict[str, Any]:
+    """One setting in THIS process: peak RSS growth (MB) over `updates` drift updates, and seconds per update."""
+    import resource
+
+    import torch
+
+    from rlft.config import task_from_dict
+    from rlft.learners import build_learner
+    from rlft.models import build_model
+    from rlft.rewards import build_reward
+
+    torch.set_num_threads(1)
+    learner = {"type": "elegant", "learn_init": False, "checkpointing": checkpointing, "batch_size": batch_size}
+    task = task_from_dict({**gmm_task("2d", 1.0), "num_steps": num_steps, "learner": learner})
+    model = build_model(task.model, task.num_steps)
+    lrn = build_learner(task, model, build_reward(task.reward, model=model))
+    lrn.setup_done = True
+    # a tiny update first so that lazily allocated buffers (Adam moments, autograd engine) exist
+    full = lrn.options
+    lrn.options = dataclasses.replace(full, batch_size=1)
+    lrn._drift_update()
+    lrn.options = full
+    base = _rss_mb()
+    out: dict[str, Any] = {"num_steps": num_steps, "checkpointing": checkpointing, "batch_size": batch_size, "rss_before_mb": base}
+    if cap_mb > 0:
+        limit = int((_vm_mb() + cap_mb) * 2**20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(updates):
+            lrn._drift_update()
+        out["wall_s_per_update"] = (time.perf_counter() - wall) / updates
+        out["cpu_s_per_update"] = (time.process_time() - cpu) / updates
+        out["ok"] = True
+    except (MemoryError, RuntimeError) as err:
+        out["ok"], out["error"] = False, f"{type(err).__name__}: {str(err)[:120]}"
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    out["peak_growth_mb"] = out["peak_rss_mb"] - base
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _vm_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+DIGIT_TARGET = 3
+
+
+def section_digits(args, quick: bool) -> list[dict[str, Any]]:
+    """LoRA fine-tuning of the digits UNet towards one digit at alpha = 1 (`learn_init: false`: the DDPM prior's
+    a(T) is ~0, so nu* = nu_ini up to a negligible tilt, and the value rollouts would cost thousands of UNet
+    chains). Budget: --iterations calls of 5 updates of 32 chains (quick: 3 calls, K = 10)."""
+    import torch
+
+    from rlft.config import task_from_dict
+    from rlft.models.digits import train_digits_unet
+    from rlft.rewards import build_reward
+
+    model_dir = args.digits_model or os.path.join(args.out, "digits_model")
+    if not os.path.isdir(os.path.join(model_dir, "unet")):
+        if args.digits_model:
+            raise FileNotFoundError(f"--digits-model {model_dir!r} holds no trained digits model (unet/ is missing)")
+        _log(f"digits: training the digits UNet into {model_dir}")
+        chain = train_digits_unet(steps=200 if quick else 3000, progress=not args.no_progress)
+        chain.save_pretrained(model_dir)
+    iterations = 3 if quick else min(args.iterations, 40)
+    num_steps = 10 if quick else 50
+    learner = {"type": "elegant", "learn_init": False, "batch_size": 8 if quick else 32, "lr": 1e-3, "lr_final": 1e-4,
+               "drift_iterations": 5 * iterations, "drift_iterations_per_train_iteration": 5}
+    task_data = {"model": {"type": "diffusers", "path": model_dir}, "reward": {"type": "digit_classifier", "target": DIGIT_TARGET},
+                 "alpha": 1.0, "num_steps": num_steps, "seed": 0}
+    n_eval = 64 if quick else 256
+    row = train_run(task_data, learner, iterations, n_eval, not args.no_progress, "digits LoRA")
+    # how often the pretrained and the fine-tuned samples are classified as the target digit
+    row["task"] = "digits"
+    samples = row.get("_samples") or {}
+    reward = build_reward(task_from_dict(task_data).reward)
+    for name in ("pretrained", "finetuned"):
+        x = samples.get(name)
+        if x is not None:
+            with torch.no_grad():
+                pred = reward.logits(x.float()).argmax(-1)
+            row[f"{name}_target_fraction"] = float((pred == DIGIT_TARGET).double().mean())
+    if samples.get("pretrained") is not None and samples.get("finetuned") is not None:
+        row["grid_png"] = _digit_grid(samples["pretrained"][:32], samples["finetuned"][:32], os.path.join(args.out, "elegant_digits.png"),
+                                      f"digits: pretrained (left) vs ELEGANT LoRA, reward log p({DIGIT_TARGET}|x), alpha = 1")
+    _log("digits: " + _brief(row) + f", target fraction {row.get('pretrained_target_fraction')} -> {row.get('finetuned_target_fraction')}")
+    return [row]
+
+
+def _digit_grid(pre, tuned, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 5))
+    for ax, imgs, name in ((axes[0], pre, "pretrained"), (axes[1], tuned, "fine-tuned")):
+        imgs = imgs.detach().float().reshape(-1, 8, 8).clamp(-1, 1).cpu()
+        rows = math.ceil(imgs.shape[0] / 8)
+        canvas = -torch.ones(rows * 9 - 1, 8 * 9 - 1)  # white background, 1-pixel gutters
+        for i, img in enumerate(imgs):
+            r, c = divmod(i, 8)
+            canvas[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = img
+        ax.imshow(canvas.numpy(), cmap="gray_r", vmin=-1, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+
+# -- reporting ----------------------------------------------------------------------------------------
+
+
+def _brief(row: dict[str, Any]) -> str:
+    keys = ("gap_closure", "energy_distance", "energy_distance_floor", "reward", "kl", "objective", "optimal_objective", "diversity", "wall_s", "cpu_s")
+    return ", ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def print_tables(results: dict[str, Any], stream=sys.stderr) -> None:
+    w = stream.write
+    if results.get("gmm"):
+        w("\nELEGANT (defaults) on the exact GMM bed\n")
+        w(f"{'task':7} {'alpha':>5} {'gap':>6} {'ED':>8} {'floor':>8} {'ED/fl':>6} {'reward':>8} {'KL':>7} {'J':>8} {'J*':>8} {'div':>6} {'wall s':>7} {'cpu s':>7}\n")
+        for r in results["gmm"]:
+            ratio = r["energy_distance"] / r["energy_distance_floor"]
+            w(f"{r['task']:7} {r['alpha']:5.1f} {_fmt(r['gap_closure'], '.3f'):>6} {_fmt(r['energy_distance'], '.5f'):>8} "
+              f"{_fmt(r['energy_distance_floor'], '.5f'):>8} {_fmt(ratio, '.2f'):>6} {_fmt(r['reward']):>8} {_fmt(r['kl']):>7} "
+              f"{_fmt(r['objective']):>8} {_fmt(r['optimal_objective']):>8} {_fmt(r['diversity'], '.3f'):>6} "
+              f"{_fmt(r['wall_s'], '.0f'):>7} {_fmt(r['cpu_s'], '.0f'):>7}\n")
+    if results.get("ablation"):
+        w("\nAblation: learning nu where nu* != nu_ini (beta_max = 1, alpha = 1)\n")
+        w(f"{'learn_init':10} {'J':>8} {'J*':>8} {'gap':>6} {'init KL':>8} {'path KL':>8} {'reward':>8} {'ED':>8} {'floor':>8}\n")
+        for r in results["ablation"]:
+            w(f"{str(r['learn_init']):10} {_fmt(r['objective']):>8} {_fmt(r['optimal_objective']):>8} {_fmt(r['gap_closure'], '.3f'):>6} "
+              f"{_fmt(r['init_kl']):>8} {_fmt(r['kl']):>8} {_fmt(r['reward']):>8} {_fmt(r['energy_distance'], '.5f'):>8} "
+              f"{_fmt(r['energy_distance_floor'], '.5f'):>8}\n")
+    if results.get("baselines"):
+        w("\nBaselines on the 2-D task (J at alpha = 1 for all)\n")
+        w(f"{'learner':17} {'reward':>8} {'KL':>8} {'J':>8} {'gap':>7} {'div':>6} {'ED':>8} {'wall s':>7} {'cpu s':>7}\n")
+        for r in results["baselines"]:
+            w(f"{r['label']:17} {_fmt(r['reward']):>8} {_fmt(r['kl']):>8} {_fmt(r['objective']):>8} {_fmt(r['gap_closure'], '.3f'):>7} "
+              f"{_fmt(r['diversity'], '.3f'):>6} {_fmt(r['energy_distance'], '.4f'):>8} {_fmt(r['wall_s'], '.0f'):>7} {_fmt(r['cpu_s'], '.0f'):>7}\n")
+    if results.get("memory"):
+        w("\nOne drift update: peak memory growth and time against K (2-D task)\n")
+        w(f"{'K':>5} {'checkpointing':>13} {'peak MB':>8} {'wall s':>7} {'cpu s':>7} {'ok':>4}\n")
+        for r in results["memory"]:
+            w(f"{r['num_steps']:5d} {str(r['checkpointing']):>13} {_fmt(r.get('peak_growth_mb'), '.1f'):>8} "
+              f"{_fmt(r.get('wall_s_per_update'), '.2f'):>7} {_fmt(r.get('cpu_s_per_update'), '.2f'):>7} {str(r.get('ok')):>4}\n")
+    for r in results.get("digits", []):
+        w("\nDigits: LoRA fine-tuning with the digit-classifier reward (alpha = 1)\n")
+        w(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, indent=1, default=str) + "\n")
+
+
+def make_plots(results: dict[str, Any], out: str) -> dict[str, str]:
+    from rlft import plots
+
+    paths = {}
+    panels = []
+    for r in results.get("gmm", []) + results.get("ablation", []) + results.get("baselines", []):
+        s = r.get("_samples") or {}
+        if s.get("finetuned") is not None and s["finetuned"].shape[1:] == (2,):
+            title = f"{r['task']} {r.get('label', '')} α={r['alpha']:g}: gap {r['gap_closure']:.2f}, KL {r['kl']:.2f}"
+            panels.append({"finetuned": s["finetuned"], "target": s.get("target"), "pretrained": s.get("pretrained"), "title": title})
+    if panels:
+        paths["samples"] = plots.sample_grid(os.path.join(out, "elegant_samples.png"), panels, "ELEGANT and baselines: fine-tuned vs exact target")
+    for name in ("2d", "8d", "2d_alt"):
+        pts = []
+        for r in results.get("gmm", []):
+            if r["task"] == name:
+                pts.append({"kl": r["kl"], "reward": r["reward"], "label": f"α={r['alpha']:g}", "alpha": r["alpha"],
+                            "group": name, "pretrained_reward": r["pretrained"]["reward"]})
+        if pts:
+            paths[f"pareto_{name}"] = plots.pareto_plot(os.path.join(out, f"elegant_pareto_{name}.png"), pts, f"ELEGANT {name}: reward vs KL")
+    if results.get("memory"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for ckpt in (False, True):
+            pts = [(r["num_steps"], r.get("peak_growth_mb")) for r in results["memory"] if r["checkpointing"] == ckpt and r.get("ok")]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label="checkpointing" if ckpt else "plain back-prop")
+        ax.set_xlabel("K (chain steps)")
+        ax.set_ylabel("peak memory growth of one update (MB)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = os.path.join(out, "elegant_memory.png")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths["memory"] = path
+    return paths
+
+
+def run(args) -> int:
+    import torch
+
+    from rlft.config import ConfigError
+
+    if args.iterations < 1 or args.eval_samples < 10 or args.threads < 1:
+        raise ConfigError("--iterations must be >= 1, --eval-samples >= 10 and --threads >= 1")
+    torch.set_num_threads(args.threads)
+    sections = list(args.sections or [s for s in SECTIONS if s != "digits"])
+    if args.digits and "digits" not in sections:
+        sections.append("digits")
+    budget: dict[str, Any] = {}
+    if args.quick:
+        args.iterations = min(args.iterations, 6)
+        args.eval_samples = min(args.eval_samples, 300)
+        budget = {"value_starts": 64, "value_rollouts": 4, "value_iterations": 50, "init_iterations": 20, "batch_size": 64}
+    os.makedirs(args.out, exist_ok=True)
+    results: dict[str, Any] = {"quick": args.quick, "iterations": args.iterations, "eval_samples": args.eval_samples, "threads": args.threads}
+    if "gmm" in sections:
+        results["gmm"] = section_gmm(args, budget)
+    if "ablation" in sections:
+        results["ablation"] = section_ablation(args, budget)
+    if "baselines" in sections:
+        reuse = next((r for r in results.get("gmm", []) if r["task"] == "2d" and r["alpha"] == 1.0), None)
+        results["baselines"] = section_baselines(args, budget, reuse)
+    if "memory" in sections:
+        results["memory"] = section_memory(args, args.quick)
+    if "digits" in sections:
+        results["digits"] = section_digits(args, args.quick)
+    results["plots"] = make_plots(results, args.out)
+    public = _public(results)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(public, f, indent=1, default=str)
+    print_tables(results)
+    if args.json:
+        print(json.dumps(public, default=str))
+    return 0
+
+
+def _public(obj: Any) -> Any:
+    """Drops sample tensors (keys starting with '_') for JSON."""
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list):
+        return [_public(v) for v in obj]
+    return obj

@@ -1,0 +1,633 @@
+"""A diffusers UNet + DDPM/DDIM(eta > 0) scheduler seen as a K-step Gaussian transition chain, and its LoRA.
+
+Derived from diffusers 0.42.1 `DDPMScheduler.step` and `DDIMScheduler.step` (the formulas below are theirs,
+re-written so that the mean is a differentiable function of x and the std a scalar; pin diffusers when these
+schedulers change). Step k takes x at scheduler timestep tau = tau_k to the scheduler's previous timestep tau'
+(MATH.md §1; DDPM: Ho et al. 2020 eq. 6-7, DDIM: Song et al. 2021 eq. 12, 16):
+
+    x0_hat = (x - sqrt(1 - ab) eps) / sqrt(ab)           (epsilon prediction; v / sample predictions convert)
+    x0_hat <- clip(x0_hat)                              (only if the scheduler has clip_sample / thresholding)
+    DDPM:  mean = sqrt(ab') beta / (1 - ab) x0_hat + sqrt(alpha) (1 - ab') / (1 - ab) x
+           std  = sqrt((1 - ab') / (1 - ab) beta)        ("fixed_small"; "fixed_large": std = sqrt(beta))
+    DDIM:  std  = eta sqrt((1 - ab') / (1 - ab) (1 - ab / ab'))
+           mean = sqrt(ab') x0_hat + sqrt(1 - ab' - std^2) eps
+    ODE step (DDIM, eta = 0):  sqrt(ab') x0_hat + sqrt(1 - ab') eps
+    score at level k:          -eps / sqrt(1 - ab)
+    forward kernel level k+1 -> k:  x_k = sqrt(ab_k / ab_{k+1}) x_{k+1} + sqrt(1 - ab_k / ab_{k+1}) noise
+
+with ab = alphas_cumprod[tau], ab' = alphas_cumprod[tau'], alpha = ab / ab', beta = 1 - alpha. So
+`mean(k, x) + std(k) * noise == scheduler.step(unet(x, tau).sample, tau, x, noise).prev_sample`. With
+clip_sample=True (the diffusers default) the mean is not linear in the score; the chain still matches the
+scheduler, and learners only need mean() to be differentiable.
+
+Conventions this module fixes:
+- The step k -> scheduler timestep map lives in ONE method, `DiffusersChain._timestep(k)` (MATH.md §1).
+- Every step is stochastic. `scheduler.set_timesteps(K)`; if its last step is deterministic (DDPM always jumps
+  to the clean level with zero noise; DDIM does when ab' = 1), the chain uses `set_timesteps(K + 1)` and stops
+  one step early, at the scheduler's lowest timestep (noise std sqrt(1 - alphas_cumprod[tau_K]), 0.01 for the
+  default linear betas), like `rlft.schedule.VPSchedule.s_min`.
+- Generative time t = 1 - tau / num_train_timesteps (`time`, `dt`).
+- `UNet2DConditionModel`: cond is `encoder_hidden_states`, cond_shape = (cond_seq_len, cross_attention_dim).
+- LoRA (peft): `mean()` is ALWAYS the pretrained (base) mean; `lora_control()` is the control
+  delta_k = mean_lora(k, x) - mean_base(k, x), so `rlft.sampling.sample(chain, n, control=chain.lora_control())`
+  samples the fine-tuned model and the per-step KL is |delta_k|^2 / (2 s_k^2).
+
+Notation: tau `timestep`, ab `alpha_bar` (diffusers' alphas_cumprod), eps the UNet's noise prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file, save_file
+
+from rlft.models.base import DiffusionModel
+
+SCHEDULERS = ("ddpm", "ddim")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+#: LoRA targets tried by default (those present in the UNet are used): attention projections and resnet convs.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+LORA_WEIGHTS_FILE = "lora.safetensors"
+LORA_CONFIG_FILE = "lora_config.json"
+LORA_FORMAT = "rlft-lora"
+LORA_FORMAT_VERSION = 1
+ADAPTER = "default"
+#: A step whose std is below this is deterministic (DDPM clamps its variance at 1e-20).
+_MIN_STD = 1e-6
+_UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Float64 scalars of one step (see the module docstring)."""
+
+    timestep: int  # tau_k
+    prev_timestep: int  # tau' as the scheduler computes it (may be < 0: the final level)
+    alpha_bar: float  # ab
+    alpha_bar_prev: float  # ab'
+    std: float  # s_k
+
+
+class DiffusersChain(DiffusionModel):
+    """A diffusers UNet with a DDPM or DDIM (eta > 0) scheduler as a K-step Gaussian chain; float32, frozen."""
+
+    def __init__(
+        self,
+        unet: UNet2DModel | UNet2DConditionModel,
+        scheduler: DDPMScheduler | DDIMScheduler,
+        num_steps: int,
+        eta: float = 1.0,
+        cond_seq_len: int = 77,
+    ) -> None:
+        """
+        Args:
+            unet: an epsilon/v/sample-predicting `UNet2DModel` or `UNet2DConditionModel` (frozen here).
+            scheduler: a `DDPMScheduler` (fixed_small / fixed_large variance) or a `DDIMScheduler`; the chain
+                keeps a copy (`self.scheduler`) and sets its timesteps.
+            num_steps: K, the number of (stochastic) chain steps.
+            eta: DDIM stochasticity in (0, 1]; must stay 1.0 with a DDPM scheduler.
+            cond_seq_len: sequence length of `encoder_hidden_states` for a `UNet2DConditionModel` (77 for CLIP).
+        """
+        super().__init__(num_steps)
+        if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+            raise TypeError(f"unet must be a diffusers UNet2DModel or UNet2DConditionModel (got {type(unet).__name__})")
+        if isinstance(scheduler, DDIMScheduler):
+            self.kind: Literal["ddpm", "ddim"] = "ddim"
+            if not (0.0 < eta <= 1.0):
+                raise ValueError(
+                    f"eta must be in (0, 1] for a DDIM scheduler (got {eta}); the chain needs Gaussian transitions, "
+                    "so eta = 0 (deterministic DDIM) is not a chain: use ode_step for it"
+                )
+        elif isinstance(scheduler, DDPMScheduler):
+            self.kind = "ddpm"
+            if eta != 1.0:
+                raise ValueError(f"eta={eta} has no effect with a DDPM scheduler; use scheduler='ddim' for eta < 1")
+        else:
+            raise TypeError(f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler (got {type(scheduler).__name__})")
+        config = scheduler.config
+        if config.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"scheduler prediction_type {config.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
+            )
+        if self.kind == "ddpm" and config.variance_type not in DDPM_VARIANCE_TYPES:
+            raise ValueError(
+                f"DDPM variance_type {config.variance_type!r} is not supported (learned variances make s_k depend on x, "
+                f"and 'fixed_large_log' is not a std); use one of {DDPM_VARIANCE_TYPES}"
+            )
+        ucfg = unet.config
+        if ucfg.in_channels != ucfg.out_channels:
+            raise ValueError(
+                f"unet out_channels ({ucfg.out_channels}) must equal in_channels ({ucfg.in_channels}); "
+                "UNets that also predict a variance are not supported"
+            )
+        if getattr(ucfg, "num_class_embeds", None) is not None or getattr(ucfg, "class_embed_type", None) is not None:
+            raise ValueError("class-conditional UNets (num_class_embeds / class_embed_type) are not supported")
+        if getattr(ucfg, "addition_embed_type", None) is not None:
+            raise ValueError(f"UNets with addition_embed_type={ucfg.addition_embed_type!r} (e.g. SDXL) are not supported")
+        self.unet = unet.requires_grad_(False).eval()
+        self.scheduler = copy.deepcopy(scheduler)  # set_timesteps mutates it; the caller's stays as it was
+        self.eta = float(eta)
+        size = ucfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        self.event_shape = (ucfg.in_channels, h, w)
+        self.conditional = isinstance(unet, UNet2DConditionModel)
+        if self.conditional:
+            if cond_seq_len < 1:
+                raise ValueError(f"cond_seq_len must be >= 1 (got {cond_seq_len})")
+            self.cond_shape = (int(cond_seq_len), int(ucfg.cross_attention_dim))
+        self.num_train_timesteps = int(config.num_train_timesteps)
+        self.lora_config: dict[str, Any] | None = None
+        self._shared: tuple | None = None
+        self._steps = self._plan()
+
+    # -- the step k -> scheduler timestep map (the ONE place, MATH.md §1) ---------------------------
+    def _timestep(self, k: int) -> tuple[int, int]:
+        """(tau_k, tau'_k): the timestep step k evaluates the UNet at, and the previous timestep it lands on.
+
+        tau'_k is what the scheduler's own `step` uses (DDPM: the next entry of `scheduler.timesteps`, -1 after
+        the last; DDIM: tau_k - num_train_timesteps // num_inference_steps); it is < 0 for the final level.
+        """
+        if not 0 <= k < self.num_steps:
+            raise IndexError(f"step k must be in [0, {self.num_steps}) (got {k})")
+        tau = int(self.scheduler.timesteps[k])
+        if self.kind == "ddpm":
+            prev = int(self.scheduler.previous_timestep(tau))
+        else:
+            prev = tau - self.num_train_timesteps // self.scheduler.num_inference_steps
+        return tau, prev
+
+    def _alpha_bar(self, tau: int) -> float:
+        """alphas_cumprod at a timestep; below 0 the scheduler's final value (1, or alphas_cumprod[0] for DDIM)."""
+        if tau >= 0:
+            return float(self.scheduler.alphas_cumprod[tau])
+        return 1.0 if self.kind == "ddpm" else float(self.scheduler.final_alpha_cumprod)
+
+    def _step_scalars(self, k: int) -> _Step:
+        tau, prev = self._timestep(k)
+        ab, abp = self._alpha_bar(tau), self._alpha_bar(prev)
+        var = (1.0 - abp) / (1.0 - ab) * (1.0 - ab / abp)  # posterior variance (DDPM eq. 7, DDIM eq. 16 at eta=1)
+        if self.kind == "ddim":
+            std = self.eta * math.sqrt(max(var, 0.0))
+        elif tau == 0:
+            std = 0.0  # DDPMScheduler.step adds no noise at t = 0
+        elif self.scheduler.config.variance_type == "fixed_large":
+            std = math.sqrt(1.0 - ab / abp)
+        else:
+            std = math.sqrt(max(var, 1e-20))
+        return _Step(tau, prev, ab, abp, std)
+
+    def _plan(self) -> list[_Step]:
+        """Sets the scheduler's timesteps so that all K steps are stochastic (module docstring)."""
+        K = self.num_steps
+        if K > self.num_train_timesteps:
+            raise ValueError(f"num_steps ({K}) must be <= the scheduler's num_train_timesteps ({self.num_train_timesteps})")
+        self.scheduler.set_timesteps(K)
+        self.drops_final_step = self._step_scalars(K - 1).std < _MIN_STD
+        if self.drops_final_step:
+            if K + 1 > self.num_train_timesteps:
+                raise ValueError(
+                    f"num_steps ({K}) must be < num_train_timesteps ({self.num_train_timesteps}): the scheduler's last step "
+                    "is deterministic, so the chain needs one more timestep"
+                )
+            self.scheduler.set_timesteps(K + 1)
+        steps = [self._step_scalars(k) for k in range(K)]
+        zero = [k for k, s in enumerate(steps) if s.std < _MIN_STD]
+        if zero:
+            raise ValueError(
+                f"steps {zero} of the {self.kind.upper()} scheduler are deterministic (std 0); the chain needs Gaussian "
+                "transitions: check the scheduler's timestep_spacing / steps_offset or use fewer num_steps"
+            )
+        jumps = [k for k in range(K - 1) if steps[k].prev_timestep != steps[k + 1].timestep]
+        if jumps:
+            warnings.warn(
+                f"the scheduler's timestep_spacing {self.scheduler.config.timestep_spacing!r} lands step {jumps[0]} on "
+                f"timestep {steps[jumps[0]].prev_timestep} but evaluates the next step at {steps[jumps[0] + 1].timestep} "
+                "(as the diffusers pipeline does); use timestep_spacing='leading' for a consistent chain",
+                stacklevel=3,
+            )
+        return steps
+
+    # -- the interface --------------------------------------------------------------------------------
+    def _level_alpha_bar(self, level: int) -> float:
+        """alphas_cumprod of level `level` in [0, K]: where step `level` starts, or where the chain ends."""
+        if level < self.num_steps:
+            return self._steps[level].alpha_bar
+        return self._steps[-1].alpha_bar_prev
+
+    def _level_timestep(self, level: int) -> int:
+        if level < self.num_steps:
+            return self._steps[level].timestep
+        return max(self._steps[-1].prev_timestep, 0)
+
+    def time(self, k: int) -> float:
+        """Generative time t_k = 1 - tau_k / num_train_timesteps of level k in [0, K]."""
+        return 1.0 - self._level_timestep(k) / self.num_train_timesteps
+
+    def dt(self, k: int) -> float:
+        return self.time(k + 1) - self.time(k)
+
+    def std(self, k: int) -> float:
+        return self._steps[k].std
+
+    def noise_kernel(self, k: int) -> tuple[float, float]:
+        """Forward kernel level k+1 -> k: (sqrt(ab_k / ab_{k+1}), sqrt(1 - ab_k / ab_{k+1}))."""
+        ratio = self._level_alpha_bar(k) / self._level_alpha_bar(k + 1)
+        return math.sqrt(ratio), math.sqrt(1.0 - ratio)
+
+    def model_output(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's raw prediction at step k (what `scheduler.step` takes as model_output), shape of x."""
+        if not 0 <= k < self.num_steps:
+            raise IndexError(f"step k must be in [0, {self.num_steps}) (got {k})")
+        self.check_state(x)
+        tau = self._steps[k].timestep
+        if self.conditional:
+            if cond is None or tuple(cond.shape) != (x.shape[0], *self.cond_shape):
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(
+                    f"this UNet2DConditionModel needs cond = encoder_hidden_states of shape "
+                    f"({x.shape[0]}, {self.cond_shape[0]}, {self.cond_shape[1]}) (got {got})"
+                )
+            return self.unet(x, tau, encoder_hidden_states=cond).sample
+        if cond is not None:
+            raise ValueError("cond was given but the UNet2DModel is unconditional; pass cond=None")
+        return self.unet(x, tau).sample
+
+    def _predict(self, k: int, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) at step k, before clipping (scheduler.step's pred_original_sample / pred_epsilon)."""
+        out = self.model_output(k, x, cond)
+        ab = self._steps[k].alpha_bar
+        a, b = math.sqrt(ab), math.sqrt(1.0 - ab)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (x - b * out) / a, out
+        if kind == "v_prediction":
+            return a * x - b * out, a * out + b * x
+        return out, (x - a * out) / b  # "sample"
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        config = self.scheduler.config
+        if config.thresholding:
+            return self.scheduler._threshold_sample(x0)
+        if config.clip_sample:
+            return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+        return x0
+
+    def _mean(self, k: int, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        s = self._steps[k]
+        x0, eps = self._predict(k, x, cond)
+        x0 = self._clip(x0)
+        ab, abp = s.alpha_bar, s.alpha_bar_prev
+        if self.kind == "ddpm":
+            beta = 1.0 - ab / abp
+            return (math.sqrt(abp) * beta / (1.0 - ab)) * x0 + (math.sqrt(ab / abp) * (1.0 - abp) / (1.0 - ab)) * x
+        return math.sqrt(abp) * x0 + math.sqrt(max(1.0 - abp - s.std**2, 0.0)) * eps
+
+    def mean(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The pretrained (base) transition mean m_k(x), differentiable in x; a LoRA, if any, is switched off."""
+        shared, self._shared = self._shared, None
+        if shared is not None and shared[0] == k and shared[1] is x and shared[2] == x._version and shared[3] is cond \
+                and shared[5] == torch.is_grad_enabled():
+            return shared[4]  # computed by the LoRA control for this very x a moment ago (one UNet call saved)
+        with self._adapters_enabled(False):
+            return self._mean(k, x, cond)
+
+    def _shared_mean(self, k: int, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The base mean, kept for the next `mean(k, x, cond)` call only (the transition after a control)."""
+        self._shared = None
+        m = self.mean(k, x, cond)
+        self._shared = (k, x, x._version, cond, m, torch.is_grad_enabled())
+        return m
+
+    def score(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Pretrained score -eps_hat / sqrt(1 - ab) at the level of step k's start."""
+        with self._adapters_enabled(False):
+            _, eps = self._predict(k, x, cond)
+        return -eps / math.sqrt(1.0 - self._steps[k].alpha_bar)
+
+    def ode_step(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM eta = 0 step between the same timesteps as step k (pretrained model)."""
+        s = self._steps[k]
+        with self._adapters_enabled(False):
+            x0, eps = self._predict(k, x, cond)
+        return math.sqrt(s.alpha_bar_prev) * self._clip(x0) + math.sqrt(1.0 - s.alpha_bar_prev) * eps
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusersChain":
+        super().to(device, dtype)
+        torch.nn.Module.to(self.unet, device=self.device, dtype=self.dtype)  # ModelMixin.to only adds a warning
+        self._shared = None
+        return self
+
+    # -- LoRA (peft) -------------------------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_config is not None
+
+    def _lora_layers(self) -> list[torch.nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextmanager
+    def _adapters_enabled(self, enabled: bool) -> Iterator[None]:
+        """Switches the LoRA on/off without touching requires_grad (peft's enable_adapters would)."""
+        if not self.has_lora:
+            yield
+            return
+        layers = self._lora_layers()
+        before = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = not enabled  # what peft's `disable_adapters` property reads (peft 0.21)
+        try:
+            yield
+        finally:
+            for layer, b in zip(layers, before):
+                layer._disable_adapters = b
+
+    def add_lora(
+        self,
+        rank: int = 4,
+        lora_alpha: float | None = None,
+        target_modules: list[str] | tuple[str, ...] | None = None,
+        seed: int | None = None,
+    ) -> list[torch.nn.Parameter]:
+        """Attaches a peft LoRA (B = 0, so delta = 0 at first) to the UNet and returns its trainable parameters.
+
+        Args:
+            rank: LoRA rank r >= 1.
+            lora_alpha: LoRA scale numerator (scale = lora_alpha / rank); defaults to rank.
+            target_modules: module-name suffixes to adapt; default: those of `DEFAULT_LORA_TARGETS` present.
+            seed: seeds the random init of the A matrices (global RNG untouched); None uses the global RNG.
+        """
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.has_lora:
+            raise ValueError("this chain already has a LoRA; call merge_lora() first or load weights with load_lora()")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1 (got {rank!r})")
+        names = [n for n, _ in self.unet.named_modules()]
+
+        def present(t: str) -> bool:
+            return any(n == t or n.endswith("." + t) for n in names)
+
+        if target_modules is None:
+            targets = [t for t in DEFAULT_LORA_TARGETS if present(t)]
+            if not targets:
+                raise ValueError(
+                    f"none of the default LoRA targets {DEFAULT_LORA_TARGETS} exist in this UNet; pass target_modules"
+                )
+        else:
+            targets = list(target_modules)
+            missing = [t for t in targets if not present(t)]
+            if missing:
+                raise ValueError(f"target_modules {missing} match no module of the UNet; e.g. {list(DEFAULT_LORA_TARGETS)}")
+        alpha = float(rank if lora_alpha is None else lora_alpha)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        if seed is None:
+            inject_adapter_in_model(config, self.unet, adapter_name=ADAPTER)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                inject_adapter_in_model(config, self.unet, adapter_name=ADAPTER)
+        torch.nn.Module.to(self.unet, device=self.device, dtype=self.dtype)
+        self.lora_config = {"rank": rank, "lora_alpha": alpha, "target_modules": targets}
+        self._shared = None
+        return self.lora_parameters()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA's parameters (what an optimiser updates); empty without a LoRA."""
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
+
+    def lora_mean(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The fine-tuned transition mean (LoRA on), differentiable in x and the LoRA parameters."""
+        if not self.has_lora:
+            raise ValueError("lora_mean needs a LoRA: call add_lora() or load_lora() first")
+        with self._adapters_enabled(True):
+            return self._mean(k, x, cond)
+
+    def lora_control(self) -> "LoRAControl":
+        """The control delta_k = lora_mean - mean (a `rlft.sampling.Control`)."""
+        if not self.has_lora:
+            raise ValueError("lora_control needs a LoRA: call add_lora() or load_lora() first")
+        return LoRAControl(self)
+
+    def save_lora(self, directory: str | os.PathLike) -> Path:
+        """Writes the adapter weights (safetensors) and its config (JSON) to `directory`, atomically per file."""
+        if not self.has_lora:
+            raise ValueError("save_lora needs a LoRA: call add_lora() first")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().cpu().contiguous() for n, p in self.unet.named_parameters() if "lora_" in n}
+        meta = {
+            "format": LORA_FORMAT, "version": LORA_FORMAT_VERSION, "unet_class": type(self.unet).__name__, **self.lora_config
+        }
+        _atomic_write(out / LORA_WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": LORA_FORMAT}))
+        _atomic_write(out / LORA_CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return out
+
+    def load_lora(self, directory: str | os.PathLike) -> list[torch.nn.Parameter]:
+        """Loads an adapter written by `save_lora` (adding the LoRA if the chain has none); returns its parameters."""
+        src = Path(directory)
+        cfg_file, weights_file = src / LORA_CONFIG_FILE, src / LORA_WEIGHTS_FILE
+        if not cfg_file.is_file() or not weights_file.is_file():
+            raise FileNotFoundError(
+                f"{src} holds no LoRA: expected {LORA_CONFIG_FILE} and {LORA_WEIGHTS_FILE} written by save_lora"
+            )
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != LORA_FORMAT:
+            raise ValueError(
+                f"{cfg_file} is not an rlft LoRA config (format {meta.get('format')!r}, expected {LORA_FORMAT!r})"
+            )
+        config = {
+            "rank": meta["rank"], "lora_alpha": float(meta["lora_alpha"]), "target_modules": list(meta["target_modules"])
+        }
+        if not self.has_lora:
+            self.add_lora(**config)
+        elif self.lora_config != config:
+            raise ValueError(
+                f"the chain's LoRA {self.lora_config} differs from the saved one {config}; load into a chain without a LoRA"
+            )
+        state = load_file(str(weights_file))
+        own = {n for n, _ in self.unet.named_parameters() if "lora_" in n}
+        if set(state) != own:
+            diff = sorted(set(state) ^ own)[:5]
+            raise ValueError(f"{weights_file} does not fit this UNet's LoRA (mismatched keys, e.g. {diff})")
+        self.unet.load_state_dict(state, strict=False)
+        self._shared = None
+        return self.lora_parameters()
+
+    def merge_lora(self) -> None:
+        """Folds the LoRA into the UNet's weights and removes it: the fine-tuned model becomes the pretrained one."""
+        if not self.has_lora:
+            raise ValueError("merge_lora needs a LoRA: call add_lora() or load_lora() first")
+        lora = {id(m) for m in self._lora_layers()}
+        for name, module in list(self.unet.named_modules()):
+            if id(module) in lora:
+                module._disable_adapters = False
+                module.merge(adapter_names=[ADAPTER])
+                parent_name, _, child = name.rpartition(".")
+                parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+                setattr(parent, child, module.get_base_layer())
+        if hasattr(self.unet, "peft_config"):
+            del self.unet.peft_config
+        self.unet.requires_grad_(False)
+        self.lora_config = None
+        self._shared = None
+
+    # -- loading and saving --------------------------------------------------------------------------------
+    def _base_unet(self) -> UNet2DModel | UNet2DConditionModel:
+        """The UNet without its LoRA (itself when there is none)."""
+        if not self.has_lora:
+            return self.unet
+        state = {
+            n.replace(".base_layer", ""): t for n, t in self.unet.state_dict().items() if "lora_" not in n
+        }
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG alone
+            base = type(self.unet).from_config(self.unet.config)
+        base.load_state_dict(state, strict=True)
+        return base
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Writes the pretrained (base) UNet to `directory/unet` and the scheduler config to `directory/scheduler`.
+
+        A LoRA is not saved here (use `save_lora`, or `merge_lora` first to save the fine-tuned model).
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self._base_unet().save_pretrained(out / "unet", safe_serialization=True)
+        self.scheduler.save_pretrained(out / "scheduler")
+        return out
+
+    @classmethod
+    def from_config(
+        cls,
+        unet_config: dict[str, Any],
+        scheduler_config: dict[str, Any] | None = None,
+        num_steps: int = 50,
+        scheduler: Literal["ddpm", "ddim"] = "ddpm",
+        eta: float = 1.0,
+        cond_seq_len: int = 77,
+        seed: int | None = None,
+    ) -> "DiffusersChain":
+        """A randomly initialised UNet (class from `_class_name`, default UNet2DModel) and a scheduler from configs.
+
+        Args:
+            unet_config: keyword arguments of the UNet class (keys starting with "_" are ignored).
+            scheduler_config: keyword arguments of the scheduler (None: diffusers' defaults).
+            num_steps, scheduler, eta, cond_seq_len: as in the constructor / `from_pretrained`.
+            seed: seeds the UNet's random init (global RNG untouched); None draws from the global RNG.
+        """
+        unet_cls = _unet_class(unet_config.get("_class_name", "UNet2DModel"), "unet_config['_class_name']")
+        config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+        if seed is None:
+            unet = unet_cls.from_config(config)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                unet = unet_cls.from_config(config)
+        sched = _scheduler_class(scheduler).from_config(dict(scheduler_config or {}))
+        return cls(unet, sched, num_steps, eta=eta, cond_seq_len=cond_seq_len)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        num_steps: int,
+        scheduler: Literal["ddpm", "ddim"] = "ddpm",
+        eta: float = 1.0,
+        subfolder_unet: str = "unet",
+        subfolder_scheduler: str = "scheduler",
+        cond_seq_len: int = 77,
+    ) -> "DiffusersChain":
+        """Loads `path/subfolder_unet` and `path/subfolder_scheduler` (a local directory, or a hub id with network).
+
+        Args:
+            path: a local directory written by `save_pretrained` / a diffusers pipeline, or "owner/name" on the hub.
+            num_steps: K.
+            scheduler: which scheduler's transitions the chain uses ("ddpm" or "ddim"; the saved config is reused).
+            eta: DDIM stochasticity in (0, 1].
+        """
+        sched_cls = _scheduler_class(scheduler)
+        text = os.fspath(path)
+        local = Path(text).expanduser()
+        if local.is_dir():
+            for sub, name in ((subfolder_unet, "config.json"), (subfolder_scheduler, "scheduler_config.json")):
+                if not (local / sub / name).is_file():
+                    raise FileNotFoundError(
+                        f"{local / sub / name} does not exist: a diffusers model directory needs {subfolder_unet}/ and "
+                        f"{subfolder_scheduler}/ subfolders (as DiffusersChain.save_pretrained writes them)"
+                    )
+            source, is_local = str(local), True
+        elif _HUB_ID.match(text):
+            source, is_local = text, False  # diffusers downloads (or reads its cache); errors are explained below
+        else:
+            raise FileNotFoundError(
+                f"model path {text!r} is not a local directory (resolved to {local.resolve()}); give a directory with "
+                f"{subfolder_unet}/ and {subfolder_scheduler}/ (see `python -m rlft.models.digits --out DIR`), or a hub id "
+                "'owner/name' where the network allows hub downloads"
+            )
+        try:
+            config = UNet2DModel.load_config(source, subfolder=subfolder_unet)
+            unet_cls = _unet_class(config.get("_class_name", "UNet2DModel"), f"{source}/{subfolder_unet}/config.json")
+            unet = unet_cls.from_pretrained(source, subfolder=subfolder_unet)
+            sched = sched_cls.from_pretrained(source, subfolder=subfolder_scheduler)
+        except (OSError, ValueError) as err:
+            if is_local:
+                raise
+            raise FileNotFoundError(
+                f"model path {text!r} is not a local directory and loading it as a hub id failed ({err}); "
+                "hub downloads need network access (and no HF_HUB_OFFLINE=1): download the model elsewhere and pass "
+                "its directory"
+            ) from err
+        return cls(unet, sched, num_steps, eta=eta, cond_seq_len=cond_seq_len)
+
+
+class LoRAControl:
+    """delta_k(x) = mean_lora(k, x) - mean_base(k, x): the fine-tuned chain as a control of the pretrained one."""
+
+    def __init__(self, chain: DiffusersChain) -> None:
+        self.chain = chain
+
+    def __call__(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.chain._shared_mean(k, x, cond)  # the transition that follows reuses it
+        return self.chain.lora_mean(k, x, cond) - base
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.chain.lora_parameters()
+
+
+def _unet_class(name: str, where: str) -> type:
+    if name not in _UNET_CLASSES:
+        raise ValueError(f"{where} is {name!r}; supported UNets: {sorted(_UNET_CLASSES)}")
+    return _UNET_CLASSES[name]
+
+
+def _scheduler_class(name: str) -> type:
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS} (got {name!r})")
+    return DDPMScheduler if name == "ddpm" else DDIMScheduler
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Calls write(tmp) on a temporary file beside `path`, then renames it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

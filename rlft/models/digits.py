@@ -1,0 +1,254 @@
+"""The digits model: a tiny diffusers UNet2DModel trained on scikit-learn's 8x8 digits, as a `DiffusersChain`.
+
+The data ship with scikit-learn (`sklearn.datasets.load_digits`, 1797 images, no download), scaled from
+[0, 16] to [-1, 1], shape (1, 8, 8). The UNet predicts the noise of the DDPM forward process and is trained
+with the simple epsilon loss (Ho et al. 2020, eq. 14), using the scheduler's own `add_noise`:
+
+    L(theta) = E_{x0, tau ~ U{0..N-1}, eps ~ N(0, I)} |eps_theta(sqrt(ab_tau) x0 + sqrt(1 - ab_tau) eps, tau) - eps|^2
+
+An exponential moving average of the weights is what gets returned and saved. The result is the platform's
+image-shaped pretrained model: the digit-classifier reward (`rlft.rewards.digits`) tilts it towards one digit.
+
+    python -m rlft.models.digits --out runs/digits --steps 1000      # trains, then save_pretrained(DIR)
+
+Measured (one CPU core, batch 128, K = 50 DDPM sampling, 500 samples judged by the digit classifier with its
+"not a digit" class; real digits: confident fraction 0.976, energy distance floor 0.021):
+
+    steps   CPU s   eval loss   digit fraction   confident (p > 0.9)   energy distance
+        0     0      1.07           0.00               0.00                3.78
+      250    14      0.199          0.98               0.68                0.054
+      500    34      0.170          1.00               0.78                0.036
+     1000    62      0.152          1.00               0.86                0.032
+     3000   194      0.132          1.00               0.94                0.027
+
+Notation: x0 data, tau scheduler timestep, ab alphas_cumprod, N num_train_timesteps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+#: Image shape of one digit.
+DIGIT_SHAPE = (1, 8, 8)
+
+
+def load_digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits in [-1, 1]: images (1797, 1, 8, 8) and labels (1797,) int64."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.as_tensor(np.asarray(data.images, dtype=np.float64) / 8.0 - 1.0, dtype=dtype)
+    return images.reshape(-1, *DIGIT_SHAPE), torch.as_tensor(data.target, dtype=torch.long)  # (N, 1, 8, 8), (N,)
+
+
+def tiny_unet_config(block_out_channels: tuple[int, int] = (16, 32)) -> dict:
+    """A UNet2DModel config for 8x8 one-channel images: two resolutions (8, 4), attention at 4x4 (177k parameters)."""
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": list(block_out_channels),
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    }
+
+
+def digits_scheduler_config(num_train_timesteps: int = 1000) -> dict:
+    """DDPM scheduler config of the digits model: cosine betas, epsilon prediction, no x0 clipping.
+
+    Without clipping the transition mean is linear in the score (exactly the `CoefficientChain` form), which
+    the control parameterisation and guidance rely on; clipping x0 to [-1, 1] made no measurable difference to
+    sample quality here (1000-step model, K = 50: confident fraction 0.860 with clipping, 0.864 without).
+    """
+    return {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+
+
+def denoising_loss(
+    unet: torch.nn.Module, scheduler, x0: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The epsilon loss of eq. 14 on a batch x0 (B, 1, 8, 8), a scalar; tau and eps are drawn from `generator`."""
+    n = scheduler.config.num_train_timesteps
+    tau = torch.randint(0, n, (x0.shape[0],), generator=generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    noisy = scheduler.add_noise(x0, eps, tau)
+    return (unet(noisy, tau).sample - eps).pow(2).mean()
+
+
+def train_digits_unet(
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+    num_steps: int = 50,
+    ema_decay: float = 0.999,
+    block_out_channels: tuple[int, int] = (16, 32),
+    scheduler: Literal["ddpm", "ddim"] = "ddpm",
+    eta: float = 1.0,
+    threads: int | None = 1,
+):
+    """Trains the digits UNet (AdamW, cosine-decayed lr, EMA) and returns it as a `DiffusersChain`.
+
+    Args:
+        steps: optimiser steps (0 returns the seeded random initialisation).
+        batch_size: images per step, drawn with replacement from all 1797 digits.
+        lr: peak learning rate.
+        seed: seeds the initialisation and every draw.
+        progress: show a tqdm bar (stderr).
+        num_steps: K of the returned chain.
+        ema_decay: decay of the weight average that is returned (warmed up as (1 + i) / (10 + i)).
+        block_out_channels: UNet widths at 8x8 and 4x4.
+        scheduler, eta: the chain's transitions (training is the same for both).
+        threads: torch intra-op threads while training (restored after); None keeps the current setting. One
+            thread is the default because these 8x8 convolutions are too small to gain from more, and on a
+            busy machine extra threads made a step 10-40x slower (measured).
+    Returns:
+        The chain; `chain.training_summary` holds the final loss, time and settings.
+    """
+    from rlft.models.diffusers_chain import DiffusersChain
+
+    if steps < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0 (got {steps}, {batch_size}, {lr})")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (got {ema_decay})")
+    chain = DiffusersChain.from_config(
+        tiny_unet_config(block_out_channels), digits_scheduler_config(), num_steps=num_steps,
+        scheduler=scheduler, eta=eta, seed=seed,
+    )
+    data, _ = load_digits_data()
+    generator = torch.Generator().manual_seed(seed)
+    net = copy.deepcopy(chain.unet).train().requires_grad_(True)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / max(steps, 1), 1.0))))
+    ema_params = list(chain.unet.parameters())  # the frozen copy that accumulates the average and is returned
+    start, recent = time.time(), []
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.enable_grad():  # callable from inside a no_grad context
+            _fit(net, opt, sched, ema_params, chain.scheduler, data, steps, batch_size, ema_decay, generator, progress,
+                 recent)
+    finally:
+        torch.set_num_threads(saved_threads)
+    chain.training_summary = {
+        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
+        "block_out_channels": list(block_out_channels),
+        "final_loss": sum(recent) / len(recent) if recent else None, "seconds": time.time() - start,
+    }
+    return chain
+
+
+def _fit(net, opt, sched, ema_params, scheduler, data, steps, batch_size, ema_decay, generator, progress, recent) -> None:
+    """The training loop of `train_digits_unet`; appends recent losses to `recent` (last 50 kept)."""
+    bar = tqdm(range(steps), desc="training digits UNet", disable=not progress, leave=False)
+    for i in bar:
+        x0 = data[torch.randint(0, data.shape[0], (batch_size,), generator=generator)]  # (B, 1, 8, 8)
+        loss = denoising_loss(net, scheduler, x0, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        decay = min(ema_decay, (1.0 + i) / (10.0 + i))
+        with torch.no_grad():
+            for e, p in zip(ema_params, net.parameters()):
+                e.lerp_(p, 1.0 - decay)
+        recent.append(loss.item())
+        del recent[:-50]
+        if i % 50 == 0:
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+    bar.close()
+
+
+@torch.no_grad()
+def evaluation_loss(chain, n: int = 512, seed: int = 12345) -> float:
+    """The epsilon loss of the chain's UNet on n digits with fixed draws (lower is better)."""
+    data, _ = load_digits_data()
+    generator = torch.Generator().manual_seed(seed)
+    x0 = data[torch.randint(0, data.shape[0], (n,), generator=generator)]
+    return float(denoising_loss(chain.unet, chain.scheduler, x0.to(chain.device, chain.dtype), generator))
+
+
+@torch.no_grad()
+def sample_quality(chain, n: int = 500, seed: int = 0, progress: bool = False, threads: int | None = 1) -> dict:
+    """How digit-like the chain's samples are: the digit classifier's verdict and the energy distance to real digits.
+
+    Returns:
+        digit_fraction: share of samples the classifier calls a digit (not "not a digit");
+        confidence: mean max digit probability; confident_fraction: share with max digit probability > 0.9;
+        class_counts: samples per predicted class, digits 0..9 then "not a digit" (11,);
+        class_entropy: entropy (nats) of the predicted-digit histogram, log 10 = 2.30 when balanced;
+        energy_distance: to n real digits; energy_distance_floor: between two disjoint sets of n real digits.
+    """
+    from rlft.metrics import energy_distance
+    from rlft.rewards.digits import NOT_A_DIGIT, DigitClassifierReward
+    from rlft.sampling import sample
+
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        x = sample(chain, n, seed=seed, batch_size=500, progress=progress, desc="sampling digits").x.float()
+    finally:
+        torch.set_num_threads(saved_threads)
+    probs = DigitClassifierReward(0).logits(x).softmax(-1)  # (n, 11)
+    top_digit = probs[:, :NOT_A_DIGIT].max(-1).values
+    counts = torch.bincount(probs.argmax(-1), minlength=NOT_A_DIGIT + 1)
+    freq = counts[:NOT_A_DIGIT].double() / max(int(counts[:NOT_A_DIGIT].sum()), 1)
+    real, _ = load_digits_data()
+    perm = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = min(n, real.shape[0] // 2)
+    ref, other = real[perm[:half]], real[perm[half : 2 * half]]
+    return {
+        "digit_fraction": float((counts[:NOT_A_DIGIT].sum() / n)),
+        "confidence": float(top_digit.mean()), "confident_fraction": float((top_digit > 0.9).double().mean()),
+        "class_counts": counts.tolist(), "class_entropy": float(-(freq[freq > 0] * freq[freq > 0].log()).sum()),
+        "energy_distance": energy_distance(x.flatten(1), ref.flatten(1)),
+        "energy_distance_floor": energy_distance(other.flatten(1), ref.flatten(1)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlft.models.digits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory for save_pretrained (unet/ and scheduler/)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps (1000: about a minute of one CPU core)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-samples", type=int, default=500, help="samples judged by the digit classifier (0: skip)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    args = parser.parse_args(argv)
+    chain = train_digits_unet(args.steps, args.batch_size, args.lr, args.seed)
+    out = chain.save_pretrained(args.out)
+    summary = {**chain.training_summary, "eval_loss": evaluation_loss(chain), "out": str(out)}
+    if args.eval_samples > 0:
+        summary.update(sample_quality(chain, args.eval_samples, seed=args.seed, progress=True))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        figures = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "out")
+        print(f"saved the digits model to {out}: {figures}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""RLModules for the rlft environments: the drift policy N(delta_theta(x, k), s_k^2 I), its LoRA-on-UNet variant,
+and the restart policy (MATH.md §5; ELEGANT App. E.3; DPOK/DDPO view of the chain).
+
+Drift env (`envs.drift`): the action is a_k = x_{k+1} - m_k(x_k), so a policy N(delta_theta(x_k, k), s_k^2 I) over
+a_k IS the fine-tuned transition N(m_k + delta_theta, s_k^2 I) and its log-prob is the transition log-density.
+
+    delta_theta(x, k) = c_k * net_theta(x, k/K, cond)      net's last layer zero-initialised -> delta = 0 at init
+    c_k = s_k ("std", default) | s_k^2 ("variance") | 1 ("one")
+    std  = s_k, FIXED (a buffer from the model's `std(k)`, never a parameter); k = round(obs[D] * K)
+
+so the untrained policy is exactly the pretrained chain, and with c_k = s_k the per-step KL |delta|^2/(2 s_k^2) is
+|net|^2 / 2 and PPO's log-ratio moves by the same amount per unit of net output at every noise level.
+`ACTION_DIST_INPUTS` = [delta, log s_k] (RLlib's `TorchDiagGaussian.from_logits` layout).
+
+The value network is separate and `learner_only` in spirit: `InferenceOnlyAPI` strips it from EnvRunners.
+Observation layout (drift env): [x flattened (D), k/K, cond flattened (C)]; restart env: [x (D), l/K, nfe, t, cond].
+
+Notation: K `num_steps`, D `event_dim`, s_k `stds[k]`, delta `delta`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis.inference_only_api import InferenceOnlyAPI
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+
+#: How the network output is scaled into delta_k (see the module docstring).
+MEAN_SCALES = ("std", "variance", "one")
+#: model_config keys of `DriftPolicyModule` (`drift_model_config` builds them).
+STDS, NUM_STEPS, HIDDEN, NUM_LAYERS, MEAN_SCALE, NUM_FREQS = "stds", "num_steps", "hidden", "num_layers", "mean_scale", "num_freqs"
+
+
+def drift_model_config(
+    stds: list[float], hidden: int = 64, num_layers: int = 2, mean_scale: str = "std", num_freqs: int = 4, **extra: Any
+) -> dict[str, Any]:
+    """The (picklable, JSON-able) model_config of `DriftPolicyModule` for a chain with per-step stds s_k (K,)."""
+    if mean_scale not in MEAN_SCALES:
+        raise ValueError(f"mean_scale must be one of {list(MEAN_SCALES)} (got {mean_scale!r})")
+    if hidden < 1 or num_layers < 1:
+        raise ValueError(f"hidden and num_layers must be >= 1 (got hidden={hidden}, num_layers={num_layers})")
+    if not stds or min(stds) <= 0:
+        raise ValueError("stds must be the chain's K per-step stds s_k, all > 0")
+    return {STDS: [float(s) for s in stds], NUM_STEPS: len(stds), HIDDEN: int(hidden), NUM_LAYERS: int(num_layers),
+            MEAN_SCALE: mean_scale, NUM_FREQS: int(num_freqs), **extra}
+
+
+def time_features(t: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """[t, sin(pi j t), cos(pi j t) for j = 1..num_freqs] of t in [0, 1], (B, 1) -> (B, 1 + 2 num_freqs)."""
+    if num_freqs == 0:
+        return t
+    j = torch.arange(1, num_freqs + 1, device=t.device, dtype=t.dtype) * math.pi
+    return torch.cat([t, torch.sin(t * j), torch.cos(t * j)], dim=-1)
+
+
+def mlp(inp: int, hidden: int, layers: int, out: int, zero_last: bool = False) -> nn.Sequential:
+    """inp -> [hidden, SiLU] x layers -> out; the last layer zero-initialised when asked."""
+    mods: list[nn.Module] = []
+    width = inp
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    last = nn.Linear(width, out)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(*mods, last)
+
+
+class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
+    """Gaussian policy N(delta_theta(x, k), s_k^2 I) over the drift env's action, plus a separate value network."""
+
+    def setup(self) -> None:
+        cfg = self.model_config
+        self.event_dim = int(self.action_space.shape[0])  # D
+        self.num_steps = int(cfg[NUM_STEPS])  # K
+        self.obs_dim = int(self.observation_space.shape[0])
+        self.cond_dim = self.obs_dim - self.event_dim - 1  # C
+        if self.cond_dim < 0:
+            raise ValueError(f"observation size {self.obs_dim} < event_dim + 1 = {self.event_dim + 1}: not a drift-env observation")
+        stds = torch.as_tensor(cfg[STDS], dtype=torch.float32)  # (K,)
+        scale = {"std": stds, "variance": stds**2, "one": torch.ones_like(stds)}[cfg.get(MEAN_SCALE, "std")]
+        self.register_buffer("log_stds", torch.log(stds), persistent=False)
+        self.register_buffer("mean_scales", scale, persistent=False)
+        self.num_freqs = int(cfg.get(NUM_FREQS, 4))
+        steps = torch.arange(self.num_steps + 1, dtype=torch.float32)[:, None] / self.num_steps  # (K+1, 1)
+        self.register_buffer("time_table", time_features(steps, self.num_freqs), persistent=False)  # (K+1, 1 + 2F)
+        inp = self.event_dim + 1 + 2 * self.num_freqs + self.cond_dim
+        hidden, layers = int(cfg.get(HIDDEN, 64)), int(cfg.get(NUM_LAYERS, 2))
+        self.mean_net = mlp(inp, hidden, layers, self.event_dim, zero_last=True)
+        if not self.inference_only:
+            self.value_net = mlp(inp, hidden, layers, 1)
+
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["value_net"]
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def step_index(self, obs: torch.Tensor) -> torch.Tensor:
+        """k from the observation's k/K, clamped to [0, K-1] (the terminal obs K/K only feeds the value net)."""
+        return torch.round(obs[:, self.event_dim] * self.num_steps).long().clamp(0, self.num_steps - 1)
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """[x, time features of k/K (a table lookup: k is discrete), cond], (B, D + 1 + 2 F + C)."""
+        D = self.event_dim
+        k = torch.round(obs[:, D] * self.num_steps).long().clamp(0, self.num_steps)  # the terminal obs has k = K
+        return torch.cat([obs[:, :D], self.time_table[k], obs[:, D + 1 :]], dim=-1)
+
+    def delta(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(delta_theta (B, D), log s_k (B,)) for observations (B, obs_dim)."""
+        k = self.step_index(obs)
+        return self.mean_scales[k, None] * self.mean_net(self.features(obs)), self.log_stds[k]
+
+    # -- RLModule API -------------------------------------------------------------------------------
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        mean, log_std = self.delta(batch[Columns.OBS])
+        return {Columns.ACTION_DIST_INPUTS: torch.cat([mean, log_std[:, None].expand_as(mean)], dim=-1)}
+
+    def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        return self.value_net(self.features(batch[Columns.OBS])).squeeze(-1)
+
+
+class LoRAUNetPolicyModule(DriftPolicyModule):
+    """The drift policy whose mean is a LoRA on a diffusers UNet: delta_k(x) = m_k^LoRA(x) - m_k(x).
+
+    model_config adds ``chain``: {"path": DIR} (a `DiffusersChain.save_pretrained` directory) or {"unet_config": ...,
+    "scheduler_config": ..., "seed": 0} (random weights, for tests and benchmarks), with "num_steps", "scheduler",
+    "eta"; and ``lora``: {"rank": 4, "lora_alpha": None, "target_modules": None}. The base UNet is frozen; only the
+    LoRA matrices (B initialised to zero by peft, so delta = 0 at init) and the value net train.
+
+    Limits (RLlib's module model): the module holds its own copy of the UNet (one per EnvRunner and Learner, besides
+    the env's), every forward runs the UNet twice (adapters on and off), and `get_state` ships the frozen base weights
+    with every weight sync; fine for small UNets, wasteful for large ones, where a custom weight sync of the adapter
+    alone would be needed.
+    """
+
+    def setup(self) -> None:
+        from rlft.models.diffusers_chain import DiffusersChain
+
+        cfg = self.model_config
+        spec = dict(cfg["chain"])
+        steps = int(spec.pop("num_steps"))
+        if "path" in spec:
+            chain = DiffusersChain.from_pretrained(spec.pop("path"), steps, **spec)
+        else:
+            chain = DiffusersChain.from_config(spec.pop("unet_config"), spec.pop("scheduler_config", None), steps, **spec)
+        lora = dict(cfg.get("lora") or {})
+        chain.add_lora(**{k: v for k, v in lora.items() if v is not None})
+        cfg = dict(cfg)
+        cfg[STDS] = [float(chain.std(k)) for k in range(steps)]
+        cfg[NUM_STEPS] = steps
+        self.model_config = cfg
+        super().setup()
+        del self.mean_net  # the LoRA replaces the mean MLP
+        self.chain = chain
+        self.unet = chain.unet  # registers the UNet (and its LoRA parameters) as a submodule
+
+    def delta(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.step_index(obs)
+        x = obs[:, : self.event_dim].reshape(-1, *self.chain.event_shape)
+        out = torch.zeros_like(x)
+        for level in torch.unique(k).tolist():  # one UNet call per distinct step (the env runs in lockstep)
+            rows = (k == level).nonzero().squeeze(-1)
+            xs = x[rows]
+            out[rows] = self.chain.lora_mean(level, xs) - self.chain.mean(level, xs)
+        return out.reshape(obs.shape[0], -1), self.log_stds[k]
+
+
+class RestartPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
+    """Categorical policy over the restart env's {0: NOISE, 1: DENOISE} with a separate value network.
+
+    model_config: hidden, num_layers, num_freqs, and ``init_denoise_prob`` (the initial P(DENOISE), set through the
+    last layer's bias with zero weights; 0.5 = uniform). Observation: [x (D), l/K, nfe/(K+L), t/L, cond (C)].
+    """
+
+    def setup(self) -> None:
+        cfg = self.model_config
+        self.event_dim = int(cfg["event_dim"])
+        self.obs_dim = int(self.observation_space.shape[0])
+        self.num_freqs = int(cfg.get(NUM_FREQS, 4))
+        hidden, layers = int(cfg.get(HIDDEN, 64)), int(cfg.get(NUM_LAYERS, 2))
+        inp = self.obs_dim + 2 * self.num_freqs
+        self.logits_net = mlp(inp, hidden, layers, 2, zero_last=True)
+        p = float(cfg.get("init_denoise_prob", 0.5))
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"init_denoise_prob must be in (0, 1) (got {p})")
+        with torch.no_grad():
+            self.logits_net[-1].bias.copy_(torch.tensor([0.0, math.log(p / (1.0 - p))]))
+        if not self.inference_only:
+            self.value_net = mlp(inp, hidden, layers, 1)
+
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["value_net"]
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        D = self.event_dim
+        return torch.cat([obs, time_features(obs[:, D : D + 1], self.num_freqs)[:, 1:]], dim=-1)
+
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {Columns.ACTION_DIST_INPUTS: self.logits_net(self.features(batch[Columns.OBS]))}
+
+    def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        return self.value_net(self.features(batch[Columns.OBS])).squeeze(-1)
+
+
+def drift_control(module: DriftPolicyModule, num_steps: int):
+    """A `rlft.sampling.Control` (k, x, cond) -> delta_k from the module's mean (for `rlft.evaluation.evaluate_run`)."""
+
+    def control(k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        B, dev = x.shape[0], module.log_stds.device
+        parts = [x.reshape(B, -1).float().to(dev), torch.full((B, 1), k / num_steps, device=dev)]
+        if cond is not None:
+            parts.append(cond.reshape(B, -1).float().to(dev))
+        with torch.no_grad():
+            delta, _ = module.delta(torch.cat(parts, dim=-1))
+        return delta.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    return control

@@ -1,0 +1,1 @@
+"""Tests of rlft.control (ELEGANT and its baselines)."""

@@ -1,0 +1,213 @@
+"""The ELEGANT learner and its baselines: pretrained at start, exact KL gradients, checkpoints, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlft.config import ConfigError, task_from_dict
+from rlft.control.elegant import ElegantLearner
+from rlft.learners import build_learner
+from rlft.models import build_model
+from rlft.rewards import build_reward
+from rlft.sampling import sample
+
+#: budgets small enough for a unit test (the defaults are for real runs)
+TINY = {
+    "batch_size": 32, "drift_iterations_per_train_iteration": 2, "drift_iterations": 10, "hidden": 16, "depth": 2,
+    "init_steps": 4, "init_iterations": 3, "init_batch_size": 32, "value_starts": 32, "value_rollouts": 2,
+    "value_iterations": 3,
+}
+
+
+def make(learner: dict | None = None, alpha: float = 0.5, num_steps: int = 6, reward: dict | None = None, **model_keys):
+    data = {
+        "model": {"type": "gmm", "weights": [0.6, 0.4], "means": [[1.0, 0.5], [-1.0, -0.5]], "stds": [0.5, 0.4], **model_keys},
+        "reward": reward or {"type": "quadratic", "center": [0.5, 1.0], "scale": 1.0},
+        "alpha": alpha, "num_steps": num_steps, "seed": 3, "learner": learner or {"type": "elegant", **TINY},
+    }
+    task = task_from_dict(data)
+    model = build_model(task.model, task.num_steps).to(dtype=torch.float64)
+    return build_learner(task, model, build_reward(task.reward, model=model))
+
+
+def test_untrained_learner_is_the_pretrained_sampler():
+    learner = make()
+    assert learner.init_dist() is None  # nu_ini until the initial control is trained
+    tuned = sample(learner.model, 64, control=learner.control(), init=learner.init_dist(), seed=7, progress=False)
+    pre = sample(learner.model, 64, seed=7, progress=False)
+    assert torch.equal(tuned.x, pre.x)
+    assert float(tuned.kl.abs().max()) == 0.0
+
+
+def test_setup_fits_value_and_initial_control_and_counts_reward_queries():
+    learner = make()
+    metrics = learner.train_iteration()
+    assert learner.iteration == 1 and learner.init_dist() is not None
+    assert {"value_mse", "init_kl", "train_objective", "lr"} <= set(metrics)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    # value data (32 starts x 2 rollouts) + 2 drift updates of 32
+    assert learner.reward_queries == 32 * 2 + 2 * 32
+    x0, kl = learner.init_dist().init_sample(5, torch.Generator().manual_seed(0))
+    assert x0.shape == (5, 2) and kl.shape == (5,) and (kl >= 0).all()
+
+
+def test_one_step_increases_the_objective():
+    """A trivial task (linear reward): one Adam step along the exact gradient raises J (common random numbers)."""
+    learner = make({"type": "elegant", **TINY, "learn_init": False, "batch_size": 512, "lr": 1e-2},
+                   reward={"type": "linear", "direction": [1.0, 0.5]})
+
+    def objective() -> float:
+        out = sample(learner.model, 4000, control=learner.control(), seed=11, progress=False)
+        return float((out.x @ torch.tensor([1.0, 0.5], dtype=torch.float64)).mean() - learner.task.alpha * out.kl.mean())
+
+    before = objective()
+    learner._drift_update()
+    after = objective()
+    assert after > before + 1e-3
+
+
+def test_kl_term_back_propagates_exactly_on_a_one_step_chain():
+    """K = 1, g = constant bias theta: J = E[b.x_1] - alpha c^2 |theta|^2 / (2 s^2), so dJ/dtheta = c b - alpha c^2 theta / s^2."""
+    learner = make({"type": "elegant", **TINY, "learn_init": False, "batch_size": 8}, alpha=0.7, num_steps=1,
+                   reward={"type": "linear", "direction": [1.0, -2.0]})
+    net = learner.drift_net.net
+    theta = torch.tensor([0.3, -0.8], dtype=torch.float64)
+    with torch.no_grad():
+        net[-1].bias.copy_(theta)
+    obj, _, kl = learner.drift_objective(8)
+    obj.backward()
+    c, s = learner.control().scales[0], learner.model.std(0)
+    b = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    assert torch.allclose(kl, torch.full((8,), c**2 * float(theta @ theta) / (2 * s**2), dtype=torch.float64))
+    assert torch.allclose(net[-1].bias.grad, c * b - 0.7 * c**2 * theta / s**2, rtol=1e-10, atol=1e-12)
+
+
+def test_drift_gradient_matches_finite_differences():
+    learner = make({"type": "elegant", **TINY, "learn_init": False}, num_steps=3)
+    torch.manual_seed(0)
+    for p in learner.drift_net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x0 = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seeds = [5, 6, 7]
+    reward = learner.train_reward
+
+    def J() -> torch.Tensor:
+        x, kl = learner.drift_rollout(x0, seeds)
+        return reward(x).mean() - learner.train_alpha * kl.mean()
+
+    weight = learner.drift_net.net[0].weight
+    J().backward()
+    grad = weight.grad[1, 0].item()
+    h = 1e-6
+    with torch.no_grad():
+        weight[1, 0] += h
+        up = J().item()
+        weight[1, 0] -= 2 * h
+        down = J().item()
+    assert abs((up - down) / (2 * h) - grad) < 1e-6 * max(1.0, abs(grad))
+
+
+def test_checkpointing_gives_the_same_gradients_as_plain_backprop():
+    grads = []
+    for checkpointing in (False, True):
+        learner = make({"type": "elegant", **TINY, "learn_init": False, "checkpointing": checkpointing, "segment_steps": 2})
+        torch.manual_seed(0)
+        for p in learner.drift_net.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        obj, _, _ = learner.drift_objective(16)
+        obj.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in learner.drift_net.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoint_restores_the_sampler_and_resume_continues(tmp_path):
+    a = make()
+    a.train_iteration()
+    a.save_checkpoint(str(tmp_path))
+    b = make()
+    b.load_checkpoint(str(tmp_path))
+    assert b.iteration == 1 and b.reward_queries == a.reward_queries and b.drift_updates == a.drift_updates
+    sa = sample(a.model, 50, control=a.control(), init=a.init_dist(), seed=4, progress=False)
+    sb = sample(b.model, 50, control=b.control(), init=b.init_dist(), seed=4, progress=False)
+    assert torch.equal(sa.x, sb.x) and torch.equal(sa.kl, sb.kl)
+    # resuming continues the same run: the optimiser moments and the RNG come back too
+    ma, mb = a.train_iteration(), b.train_iteration()
+    assert b.iteration == 2 and ma == mb
+    for pa, pb in zip(a.drift_net.parameters(), b.drift_net.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize(
+    "learner",
+    [
+        {"type": "no_kl"},
+        {"type": "truncation", "truncation_steps": 2},
+        {"type": "random_k"},
+        {"type": "elegant", "learn_init": False},
+        {"type": "elegant", "divergence": "gamma:0.5"},
+        {"type": "elegant", "divergence": "chi2", "checkpointing": True},
+        {"type": "truncation", "kl_penalty": True},
+    ],
+)
+def test_each_baseline_runs_one_iteration(learner):
+    lrn = make({**TINY, **learner})
+    metrics = lrn.train_iteration()
+    assert lrn.iteration == 1 and all(math.isfinite(v) for v in metrics.values())
+    kl_on = learner.get("kl_penalty", learner["type"] == "elegant")
+    assert (lrn.train_alpha > 0) == kl_on
+    assert (lrn.init_dist() is not None) == (learner["type"] == "elegant" and learner.get("learn_init", True))
+    report = lrn.evaluate(num_samples=64)
+    assert math.isfinite(report["objective"]) and report["num_samples"] == 64
+
+
+def test_no_kl_runs_at_alpha_zero():
+    lrn = make({"type": "no_kl", **TINY}, alpha=0.0)
+    lrn.train_iteration()
+    assert lrn.train_alpha == 0.0
+
+
+def test_truncation_and_random_k_cut_the_gradient():
+    lrn = make({"type": "truncation", **TINY, "truncation_steps": 2, "segment_steps": 4})
+    assert lrn._grad_start() == 4 and lrn.windows(4) == [(0, 4), (4, 6)]
+    lrn = make({"type": "random_k", **TINY})
+    starts = {lrn._grad_start() for _ in range(200)}
+    assert starts == set(range(6))
+
+
+@pytest.mark.parametrize(
+    "learner, alpha, message",
+    [
+        ({"type": "elegant", "lr": -1.0}, 0.5, "learner.lr must be"),
+        ({"type": "elegant", "batch_size": 0}, 0.5, "learner.batch_size"),
+        ({"type": "elegant", "bogus": 1}, 0.5, "learner.bogus is not a parameter"),
+        ({"type": "elegant", "hidden": "big"}, 0.5, "learner.hidden must be an integer"),
+        ({"type": "elegant", "divergence": "nope"}, 0.5, "learner.divergence"),
+        ({"type": "no_kl", "kl_penalty": True}, 0.5, "kl_penalty must be false"),
+        ({"type": "no_kl", "learn_init": True}, 0.5, "learn_init needs the KL term"),
+        ({"type": "truncation", "truncation_steps": 0}, 0.5, "truncation_steps must be an integer >= 1"),
+        ({"type": "truncation", "kl_penalty": True}, 0.0, "alpha must be"),
+        ({"type": "elegant", "lr": 1e-3, "lr_final": 1e-2}, 0.5, "lr_final must be <= learner.lr"),
+    ],
+)
+def test_bad_options_raise_clear_errors(learner, alpha, message):
+    with pytest.raises(ConfigError, match=message):
+        make(learner, alpha=alpha)
+
+
+def test_checkpoint_of_other_options_is_refused(tmp_path):
+    a = make()
+    a.save_checkpoint(str(tmp_path))
+    b = make({"type": "elegant", **TINY, "hidden": 8})
+    with pytest.raises(ValueError, match="learner.hidden"):
+        b.load_checkpoint(str(tmp_path))
+    c = make({"type": "no_kl", **TINY})
+    with pytest.raises(ValueError, match="'elegant'"):
+        c.load_checkpoint(str(tmp_path))
+
+
+def test_registry_names_build_this_learner():
+    for name in ("elegant", "no_kl", "truncation", "random_k"):
+        assert isinstance(make({"type": name, **TINY}), ElegantLearner)

@@ -1,0 +1,150 @@
+"""PPO+KL: the KL connectors against closed forms, one iteration with 2 remote EnvRunners, and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.evaluation.postprocessing import Postprocessing
+
+from rlft.config import DEFAULT_TASK, task_from_dict
+from rlft.learners import build_learner
+from rlft.models import build_model
+from rlft.rewards import build_reward
+from rlft.rllib.module import DriftPolicyModule, drift_model_config
+from rlft.rllib.ppo_kl import KL_LOSS_COEFF, KLLossScaleConnector, KLPenaltyConnector, RLlibLearner, drift_spaces
+
+
+def small_task(**learner) -> dict:
+    task = dict(DEFAULT_TASK, num_steps=8)
+    task["learner"] = {"type": "ppo_kl", "episodes_per_iteration": 32, "num_envs": 16, "minibatch_size": 128, "num_epochs": 1,
+                       "save_rllib_checkpoint": False, **learner}
+    return task
+
+
+def build(task_dict):
+    task = task_from_dict(task_dict)
+    model = build_model(task.model, task.num_steps)
+    return build_learner(task, model, build_reward(task.reward, model=model))
+
+
+class _Modules(dict):
+    """A stand-in for the MultiRLModule a learner connector receives."""
+
+
+def test_kl_penalty_connector_subtracts_alpha_times_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    delta, std = torch.randn(6, 2, generator=g), torch.rand(6, generator=g) + 0.1
+    adi = torch.cat([delta, torch.log(std)[:, None].expand(6, 2)], dim=-1)
+    mask = torch.tensor([True, True, False, True, True, False])
+    rewards = torch.randn(6, generator=g)
+    batch = {"default_policy": {Columns.ACTION_DIST_INPUTS: adi, Columns.LOSS_MASK: mask, Columns.REWARDS: rewards.clone(),
+                                Columns.TERMINATEDS: ~mask, Columns.TRUNCATEDS: torch.zeros(6, dtype=torch.bool)}}
+    model = build_model(task_from_dict(small_task()).model, 8)
+    obs_space, act_space = drift_spaces(model)
+    module = DriftPolicyModule(observation_space=obs_space, action_space=act_space, model_config=drift_model_config([1.0] * 8))
+    out = KLPenaltyConnector(alpha=0.7)(rl_module=_Modules(default_policy=module), batch=batch, episodes=[])
+    expected = rewards - 0.7 * (delta.pow(2).sum(-1) / (2 * std**2)) * mask.float()
+    assert torch.allclose(out["default_policy"][Columns.REWARDS], expected, rtol=1e-5)
+
+
+def test_kl_loss_scale_is_alpha_over_the_raw_advantage_std():
+    model = build_model(task_from_dict(small_task()).model, 8)
+    obs_space, act_space = drift_spaces(model)
+    module = DriftPolicyModule(observation_space=obs_space, action_space=act_space, model_config=drift_model_config([1.0] * 8))
+    obs = torch.randn(10, 3)
+    targets = torch.randn(10) * 3
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[[4, 9]] = False
+    batch = {"default_policy": {Columns.OBS: obs, Postprocessing.VALUE_TARGETS: targets, Columns.LOSS_MASK: mask}}
+    out = KLLossScaleConnector(alpha=2.0)(rl_module=_Modules(default_policy=module), batch=batch, episodes=[])
+    raw = targets - module.compute_values({Columns.OBS: obs}).detach()
+    assert torch.allclose(out["default_policy"][KL_LOSS_COEFF], torch.full((10,), 2.0 / float(raw[mask].std())), rtol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_one_ppo_kl_iteration_with_two_env_runners(ray_session):
+    task = small_task()
+    task["run"] = {"num_env_runners": 2, "cpus_per_env_runner": 0.5, "num_envs_per_env_runner": 16}
+    learner = build(task)
+    try:
+        assert learner.algo.env_runner_group.num_remote_env_runners() == 2
+        metrics = learner.train_iteration()
+        assert learner.iteration == 1 and learner.reward_queries == 32  # 2 runners x 16 envs, one reward each
+        assert all(np.isfinite(v) for v in metrics.values())
+        assert metrics["episodes"] == 32 and "kl_to_pretrained" in metrics and "path_kl" in metrics
+        x = torch.randn(5, 2)
+        assert learner.control()(3, x, None).shape == (5, 2)
+    finally:
+        learner.algo.stop()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_checkpoint_round_trip_is_data_only(ray_session, tmp_path):
+    """save -> train on -> load restores the policy, the value net, the optimizer and the counters (no unpickling)."""
+    learner = build(small_task(kl_mode="loss", save_rllib_checkpoint=True))
+    try:
+        learner.train_iteration()
+        before = learner.module_state()
+        adam = lambda: learner.algo.learner_group.get_state(components="learner")["learner"]["optimizer"]  # noqa: E731
+        moments = adam()["default_policy_default_optimizer"]["state"]["state"]
+        learner.save_checkpoint(str(tmp_path))
+        assert {"weights.safetensors", "state.json", "rllib"} <= set(os.listdir(tmp_path))
+        assert json.loads((tmp_path / "state.json").read_text())["iteration"] == 1
+        learner.train_iteration()
+        moved = learner.module_state()
+        assert any(not np.array_equal(before[k], moved[k]) for k in before)
+        learner.load_checkpoint(str(tmp_path))
+        after = learner.module_state()
+        assert learner.iteration == 1 and learner.reward_queries == 32
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+        restored = adam()["default_policy_default_optimizer"]["state"]["state"]
+        assert all(np.array_equal(np.asarray(moments[i]["exp_avg_sq"]), np.asarray(restored[i]["exp_avg_sq"])) for i in moments)
+        # the EnvRunner's copy was synced too
+        runner_state = learner.algo.env_runner.module.get_state()
+        assert all(np.array_equal(before[k], runner_state[k]) for k in runner_state)
+    finally:
+        learner.algo.stop()
+
+
+def test_flatten_round_trip():
+    from rlft.rllib.ppo_kl import _flatten, _unflatten
+
+    state = {"a": {"w": np.arange(6.0).reshape(2, 3), 3: [np.ones(2), 0.5, "adam", None, True]}, "step": np.int64(4)}
+    tensors, meta = _flatten(state)
+    json.dumps(meta)
+    back = _unflatten(tensors, json.loads(json.dumps(meta)))
+    assert np.array_equal(back["a"]["w"], state["a"]["w"]) and back["a"][3][1:] == [0.5, "adam", None, True]
+    assert np.array_equal(back["a"][3][0], np.ones(2)) and back["step"] == 4
+    assert issubclass(type(build), object) and RLlibLearner.WEIGHTS_FILE.endswith(".safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ppo_kl_with_a_lora_policy_on_a_diffusers_model(ray_session, tmp_path):
+    """`policy: lora`: one PPO+KL iteration fine-tunes only the LoRA of a (tiny, random) diffusers UNet."""
+    from rlft.models.diffusers_chain import DiffusersChain
+    from rlft.models.digits import digits_scheduler_config, tiny_unet_config
+
+    DiffusersChain.from_config(tiny_unet_config((8, 16)), digits_scheduler_config(), num_steps=3, seed=0).save_pretrained(tmp_path / "unet")
+    task = {"model": {"type": "diffusers", "path": str(tmp_path / "unet")}, "reward": {"type": "linear", "direction": [0.01] * 64},
+            "alpha": 1.0, "num_steps": 3, "seed": 0,
+            "learner": {"type": "ppo_kl", "policy": "lora", "lora_rank": 2, "episodes_per_iteration": 4, "num_envs": 4,
+                        "minibatch_size": 12, "num_epochs": 1, "save_rllib_checkpoint": False}}
+    learner = build(task)
+    try:
+        delta0 = learner.control()(1, torch.randn(2, 1, 8, 8), None)
+        assert torch.equal(delta0, torch.zeros_like(delta0))
+        metrics = learner.train_iteration()
+        assert np.isfinite(metrics["policy_loss"]) and learner.reward_queries == 4
+        state = learner.module_state()
+        assert any("lora_" in k for k in state)
+    finally:
+        learner.algo.stop()
