@@ -265,7 +265,7 @@ def _callbacks(run: RunConfig, name: str) -> list:
     """Tune logger callbacks: JSON always, then what run.loggers names (optional packages checked)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-    callbacks = [JsonLoggerCallback()]
+    callbacks = [_keep_local_logs(JsonLoggerCallback)()]
     for logger in run.loggers:
         if logger == "csv":
             callbacks.append(_keep_local_logs(CSVLoggerCallback)())
