@@ -190,7 +190,7 @@ class RestartEnv(BatchedDiffusionEnv):
             for level in range(int(self.level[exhausted].min()), K):  # sub-envs merge as they reach each level
                 self._ode_steps(exhausted & (self.level == level))
         terminated = active & (self.level == K)
-        self._done = terminated
+        self._done = terminated.copy()  # callers may keep `terminated`; autoreset edits _done in place
         step = RestartStep(self.x, self.level.copy(), self.steps.copy(), self.nfe.copy(), a, active, terminated, exhausted)
         rewards = check_reward_values(
             torch.as_tensor(self.step_reward(step, self.reward)), B, getattr(self.step_reward, "__name__", "step_reward"),

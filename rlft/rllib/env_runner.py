@@ -95,7 +95,7 @@ class BulkEnvRunner(SingleAgentEnvRunner):
                 f"BulkEnvRunner does not support {'; '.join(problems)}; use RLlib's SingleAgentEnvRunner "
                 "(learner key fast_env_runner: false) for those"
             )
-        self._episode_factory = EpisodeFactory(self.env.single_observation_space, self.env.single_action_space)
+        self._episode_factory: EpisodeFactory | None = None  # built with the env (the local runner may have none)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _policy(self):
@@ -186,6 +186,8 @@ class BulkEnvRunner(SingleAgentEnvRunner):
         extras = {k: per_env(v) for k, v in extra_steps.items()}
         seq_no = np.full(obs.shape[1] - 1, self._weights_seq_no, dtype=np.int64)
         stop = time.perf_counter()
+        if self._episode_factory is None:
+            self._episode_factory = EpisodeFactory(self.env.single_observation_space, self.env.single_action_space)
         episodes = []
         for i, e in enumerate(end.tolist()):
             n = e + 1  # episode length L

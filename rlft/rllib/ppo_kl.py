@@ -321,8 +321,9 @@ def drift_spaces(model: DiffusionModel) -> tuple[gym.spaces.Box, gym.spaces.Box]
 class PPOKL(RLlibLearner):
     """PPO + KL penalty (ELEGANT App. E.3) on `rlft/DenoisingDrift-v0`, as ``learner: {type: ppo_kl, ...}``.
 
-    The defaults reach >= 70 % of the gap to J* on the 2-D Gaussian-mixture tasks at alpha = 1 in a few minutes on
-    2 CPU cores (`rlft bench rllib`).
+    With the defaults (256 trajectories per iteration) it closes >= 70 % of the gap to J* on the 2-D Gaussian-mixture
+    tasks at alpha = 1 within 3-4 iterations (a few seconds of training on 2 CPU cores) and ~93 % after 60
+    (`rlft bench rllib`).
     """
 
     def __init__(

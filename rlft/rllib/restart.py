@@ -20,6 +20,12 @@ Why BOOST's literal reward collapses: near the prior p_pi(x | l) = p_*(x | l), s
 (JS, chi2) every noisy step is free while clean steps of a wrong model cost -> "always noise"; a per-step cost
 (f'(1) = 1 for KL, or the time weighting) makes every step cost -> "always denoise". Both ignore what the final
 sample looks like; "terminal" and "level_aware" do not.
+
+Measured (`rlft bench rllib`, 4-mode mixture, model weights 0.55/0.15/0.15/0.15 instead of 0.25 each, K = 10, L = 30,
+40 iterations from P(DENOISE) = 0.9): KL "none" and "time_weighted" collapse to always-denoise (P(noise) 0.005,
+NFE 10.04, the ODE sampler's quality); "terminal" + NFE cost reaches energy distance 0.024 at 13.9 NFE against 0.49
+(ODE, 10 NFE) and >= 0.46 for every fixed-K restart schedule (13-28 NFE). "Always noise" did not appear on this bed:
+JS from a uniform policy hovers near the prior (P(noise) 0.44, 71 % of episodes run out the budget).
 """
 
 from __future__ import annotations
