@@ -89,7 +89,7 @@ DRIFT_UPDATES = "drift_updates"
 class ElegantOptions:
     """The learner's options (the YAML `learner:` keys besides `type`), validated at construction."""
 
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Adam learning rate of the drift control at the start of the cosine schedule."""
     lr_final: float = 1e-4
     """Drift learning rate at the end of the schedule (and after it)."""
@@ -99,7 +99,7 @@ class ElegantOptions:
     """Length of the learning-rate schedule, in drift updates (training may continue past it at lr_final)."""
     drift_iterations_per_train_iteration: int = 10
     """Drift updates per `train_iteration()` call."""
-    hidden: int = 128
+    hidden: int = 64
     """Width of the control, initial-control and value networks."""
     depth: int = 3
     """Hidden layers of those networks."""
@@ -109,19 +109,19 @@ class ElegantOptions:
     """Control network: auto | mlp | conv (auto: MLP, or convolutions for long (L, A) sequences)."""
     learn_init: bool | None = None
     """Learn the initial distribution (steps 1-2); None = yes for elegant, no for the baselines."""
-    init_steps: int = 50
+    init_steps: int = 20
     """Steps J of the initial-distribution SDE on [-T, 0]."""
-    init_iterations: int = 500
+    init_iterations: int = 300
     """Adam updates of the initial control (eq. 10)."""
     init_lr: float = 1e-3
     """Learning rate of the initial control."""
-    init_batch_size: int = 512
+    init_batch_size: int = 256
     """Samples per initial-control update."""
-    value_starts: int = 1024
+    value_starts: int = 512
     """Starting points x_0 of the value data set (Alg. 4)."""
     value_rollouts: int = 16
     """Pretrained rollouts per starting point in the log-mean-exp target (App. E.2; 1 = Alg. 4)."""
-    value_iterations: int = 2000
+    value_iterations: int = 1000
     """Adam updates of the value regression."""
     value_lr: float = 1e-3
     """Learning rate of the value regression."""
@@ -182,23 +182,23 @@ class ElegantLearner(Learner):
         task: TaskConfig,
         model: DiffusionModel,
         reward: Reward,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         lr_final: float = 1e-4,
         batch_size: int = 256,
         drift_iterations: int = 2000,
         drift_iterations_per_train_iteration: int = 10,
-        hidden: int = 128,
+        hidden: int = 64,
         depth: int = 3,
         time_frequencies: int = 8,
         network: Literal["auto", "mlp", "conv"] = "auto",
         learn_init: bool | None = None,
-        init_steps: int = 50,
-        init_iterations: int = 500,
+        init_steps: int = 20,
+        init_iterations: int = 300,
         init_lr: float = 1e-3,
-        init_batch_size: int = 512,
-        value_starts: int = 1024,
+        init_batch_size: int = 256,
+        value_starts: int = 512,
         value_rollouts: int = 16,
-        value_iterations: int = 2000,
+        value_iterations: int = 1000,
         value_lr: float = 1e-3,
         kl_penalty: bool | None = None,
         truncation_steps: int = 10,

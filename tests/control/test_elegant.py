@@ -211,3 +211,42 @@ def test_checkpoint_of_other_options_is_refused(tmp_path):
 def test_registry_names_build_this_learner():
     for name in ("elegant", "no_kl", "truncation", "random_k"):
         assert isinstance(make({"type": name, **TINY}), ElegantLearner)
+
+
+def test_constructor_defaults_are_the_documented_options():
+    """ElegantOptions (the documented defaults) and the constructor's signature must agree key by key."""
+    import dataclasses
+    import inspect
+
+    from rlft.control.elegant import ElegantOptions
+
+    sig = inspect.signature(ElegantLearner.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(ElegantOptions)}
+    assert set(fields) == set(sig) - {"self", "task", "model", "reward"}
+    for name, default in fields.items():
+        assert sig[name].default == default, name
+
+
+def test_memory_probe_runs_in_process():
+    from rlft.benchmarks.elegant import memory_probe
+
+    out = memory_probe(10, True, 4, 1, 0.0)
+    assert out["ok"] and out["peak_rss_mb"] > 0 and out["wall_s_per_update"] > 0
+
+
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path):
+    from rlft.cli import main
+
+    assert main(["bench", "elegant", "--quick", "--sections", "baselines", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "elegant_samples.png").is_file()
+
+
+@pytest.mark.slow
+def test_default_elegant_closes_the_gap_on_the_2d_mixture():
+    """`learner: {type: elegant}` with the runner's default 200 iterations: >= 90 % of the gap to J* at alpha = 1."""
+    from rlft.benchmarks.elegant import gmm_task, train_run
+
+    row = train_run(gmm_task("2d", 1.0), {"type": "elegant"}, 200, 2000, False, "2d")
+    assert row["gap_closure"] >= 0.9
+    assert row["energy_distance"] <= 2 * row["energy_distance_floor"]

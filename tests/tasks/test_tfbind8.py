@@ -188,7 +188,8 @@ def test_every_differentiable_learner_runs_one_tiny_iteration_from_yaml(name, bu
     assert out.x.shape == (16, 8, 4) and torch.isfinite(out.kl).all()
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(240)
 @pytest.mark.skipif(importlib.util.find_spec("rlft.rllib.ppo_kl") is None, reason="rlft.rllib.ppo_kl not written yet")
 def test_ppo_kl_runs_one_tiny_iteration_from_yaml(built, task_data, ray_session):
     from rlft.learners import build_learner
