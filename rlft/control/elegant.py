@@ -342,7 +342,7 @@ class ElegantLearner(Learner):
             gen = self._device_generator()
             x0, y, queries = value_dataset(self.model, self.train_reward, self.train_alpha, o.value_starts, o.value_rollouts, gen)
             self.reward_queries += queries
-            out["value_mse"] = fit_value(self.value_net, x0, y, o.value_iterations, gen, lr=o.value_lr)
+            out.update(fit_value(self.value_net, x0, y, o.value_iterations, gen, lr=o.value_lr))
             out["value_target_std"] = float(y.std()) if y.numel() > 1 else 0.0
             out.update(self._fit_init(gen))
         self.setup_done = True

@@ -6,7 +6,8 @@ Alg. 4 regresses r(x_T) on x_0; App. E.2 refines the target with M pretrained ro
     y_i = alpha log (1/M) sum_j exp(r(x_T^{(i,j)}) / alpha)
         = alpha [logsumexp_j (r_ij / alpha) - log M]                       (stable log-mean-exp)
 
-and fits a small network a_phi by least squares, min_phi sum_i (a_phi(x_i) - y_i)^2. With M = 1 this is
+and fits a small network a_phi by least squares, min_phi sum_i (a_phi(x_i) - y_i)^2 (with a held-out split
+for model selection and the output clamped to the targets' range, see `fit_value`). With M = 1 this is
 Alg. 4's plain regression; as M grows the target tends to v*_0. (The log-mean-exp is biased low by a
 Jensen gap of order Var/(2 alpha M); the bias is nearly constant in x0 when x0 carries little information
 about x_T, which is the usual VP case, and a constant offset does not change the control of eq. 10.)
@@ -16,6 +17,7 @@ Notation: x_i `x0` (N, *event), r_ij `rewards` (N, M), y_i `targets` (N,), a_phi
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -28,18 +30,27 @@ from rlft.sampling import rollout
 
 
 class ValueNet(nn.Module):
-    """a_phi(x0): a SiLU MLP on the flattened event with a scalar head and learned input standardisation."""
+    """a_phi(x0): a SiLU MLP on the flattened event with a scalar head, an output affine and an output clamp.
+
+    The output is clamped to the range of the targets it was fitted on: the initial control of eq. 10
+    maximises a, and an MLP extrapolates linearly outside the data, so without the clamp the control would
+    chase values the data never showed (measured: a = +52 where every target was below 0, at KL 276).
+    """
 
     def __init__(self, event_shape: tuple[int, ...], hidden: int = 128, depth: int = 3) -> None:
         super().__init__()
-        self.mlp = VectorControlNet(event_shape, None, hidden, depth, num_frequencies=1, out_features=1, zero_init=False)
-        # output affine (fitted to the targets' mean/std before training, so the MLP learns O(1) values)
+        # zero-initialised head: before fitting, a is the constant y_shift (the "flat value" hypothesis)
+        self.mlp = VectorControlNet(event_shape, None, hidden, depth, num_frequencies=1, out_features=1, zero_init=True)
+        # output affine (set to the targets' mean/std before training, so the MLP learns O(1) values) and clamp
         self.register_buffer("y_shift", torch.zeros(()))
         self.register_buffer("y_scale", torch.ones(()))
+        self.register_buffer("y_min", torch.tensor(-math.inf))
+        self.register_buffer("y_max", torch.tensor(math.inf))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, *event) -> a(x): (B,)."""
-        return self.y_shift + self.y_scale * self.mlp(0.0, x)[:, 0]
+        a = self.y_shift + self.y_scale * self.mlp(0.0, x)[:, 0]
+        return torch.minimum(torch.maximum(a, self.y_min), self.y_max)
 
 
 def log_mean_exp_targets(rewards: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -96,23 +107,49 @@ def fit_value(
     generator: torch.Generator,
     lr: float = 1e-3,
     batch_size: int = 256,
-) -> float:
-    """Least-squares regression of the targets on x0 (Alg. 4 step 3) with Adam and minibatches.
+    holdout: float = 0.2,
+) -> dict[str, float]:
+    """Least-squares regression of the targets on x0 (Alg. 4 step 3), Adam on minibatches, with model selection.
+
+    A fraction `holdout` of the data is held out; the weights with the lowest held-out error seen (checked
+    20 times, and at the start, where a is the constant mean) are kept. The targets are noisy (M rollouts
+    each) and, in a VP chain with a(T) ~ 0, nearly independent of x0; a network fitted to their noise would
+    hand the initial control spurious slopes, which exp(a/alpha) amplifies at small alpha.
 
     Returns:
-        The final mean squared error on the whole dataset, in target units.
+        {"value_mse": held-out mean squared error of the kept weights, "value_r2": 1 - that / held-out variance}.
     """
     y = targets.to(x0.dtype)
-    with torch.no_grad():
-        net.y_shift.fill_(float(y.mean()))
-        net.y_scale.fill_(max(float(y.std()), 1e-6) if y.numel() > 1 else 1.0)
-    opt = torch.optim.Adam(net.mlp.parameters(), lr=lr)
     n = x0.shape[0]
-    for _ in range(iterations):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator, device=generator.device).to(x0.device)
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(x0.device)
+    n_val = int(round(holdout * n)) if n >= 5 else 0
+    val, train = perm[:n_val], perm[n_val:]
+    with torch.no_grad():
+        y_train = y[train]
+        net.y_shift.fill_(float(y_train.mean()))
+        net.y_scale.fill_(max(float(y_train.std()), 1e-6) if y_train.numel() > 1 else 1.0)
+        net.y_min.fill_(float(y.min()))
+        net.y_max.fill_(float(y.max()))
+
+    def held_out_mse() -> float:
+        idx = val if n_val else train
+        with torch.no_grad():
+            return float((net(x0[idx]) - y[idx]).pow(2).mean())
+
+    best, best_state = held_out_mse(), copy.deepcopy(net.state_dict())
+    check_every = max(1, iterations // 20)
+    opt = torch.optim.Adam(net.mlp.parameters(), lr=lr)
+    for i in range(iterations):
+        pick = torch.randint(0, train.numel(), (min(batch_size, train.numel()),), generator=generator, device=generator.device)
+        idx = train[pick.to(x0.device)]
         loss = ((net(x0[idx]) - y[idx]) / net.y_scale).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return float((net(x0) - y).pow(2).mean())
+        if (i + 1) % check_every == 0 or i + 1 == iterations:
+            mse = held_out_mse()
+            if mse < best:
+                best, best_state = mse, copy.deepcopy(net.state_dict())
+    net.load_state_dict(best_state)
+    var = float(y[val].var()) if n_val > 1 else float(y.var())
+    return {"value_mse": best, "value_r2": 1.0 - best / var if var > 0 else 0.0}

@@ -50,7 +50,8 @@ def test_value_network_fits_the_closed_form():
     assert queries == 256 * 32
     torch.manual_seed(0)
     net = ValueNet((2,), hidden=32, depth=2).double()
-    fit_value(net, x0, y, 600, gen, lr=3e-3)
+    fit = fit_value(net, x0, y, 600, gen, lr=3e-3)
+    assert fit["value_r2"] > 0.5
     test = torch.randn(200, 2, generator=gen, dtype=torch.float64).clamp(-2, 2)
     with torch.no_grad():
         err = net(test) - exact(test)
@@ -58,3 +59,19 @@ def test_value_network_fits_the_closed_form():
     # a flat fit would leave err.std() = exact(test).std()
     assert err.std() < 0.1 * exact(test).std()
     assert -0.1 < float(err.mean()) < 0.03
+
+
+def test_noise_targets_give_a_flat_clamped_value():
+    """Targets independent of x0 (the VP case a(T) ~ 0): model selection keeps a ~ constant, inside the data range."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(400, 3, generator=gen, dtype=torch.float64)
+    y = 0.5 * torch.randn(400, generator=gen, dtype=torch.float64) - 2.0
+    torch.manual_seed(0)
+    net = ValueNet((3,), hidden=64, depth=3).double()
+    fit = fit_value(net, x0, y, 400, gen, lr=1e-2)
+    assert fit["value_r2"] < 0.05
+    far = 20 * torch.randn(500, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        a_near, a_far = net(x0), net(far)
+    assert a_near.std() < 0.1 * y.std()
+    assert float(a_far.max()) <= float(y.max()) and float(a_far.min()) >= float(y.min())
