@@ -121,7 +121,7 @@ def train_run(task_data: dict, learner: dict, iterations: int, eval_samples: int
     return {
         "label": label, "alpha": task.alpha, "learner": learner, "iterations": iterations, "wall_s": wall, "cpu_s": cpu,
         "reward_queries": int(lrn.reward_queries), "init_kl": init_kl, "setup_metrics": {k: v for k, v in metrics.items()},
-        **{k: v for k, v in report.items()}, "_samples": samples,
+        **{k: v for k, v in report.items()}, "_samples": samples, "_learner": lrn,
     }
 
 
@@ -260,6 +260,7 @@ def section_digits(args, quick: bool) -> list[dict[str, Any]]:
     from rlft.config import task_from_dict
     from rlft.models.digits import train_digits_unet
     from rlft.rewards import build_reward
+    from rlft.sampling import sample
 
     model_dir = args.digits_model or os.path.join(args.out, "digits_model")
     if not os.path.isdir(os.path.join(model_dir, "unet")):
@@ -286,9 +287,12 @@ def section_digits(args, quick: bool) -> list[dict[str, Any]]:
             with torch.no_grad():
                 pred = reward.logits(x.float()).argmax(-1)
             row[f"{name}_target_fraction"] = float((pred == DIGIT_TARGET).double().mean())
-    if samples.get("pretrained") is not None and samples.get("finetuned") is not None:
-        row["grid_png"] = _digit_grid(samples["pretrained"][:32], samples["finetuned"][:32], os.path.join(args.out, "elegant_digits.png"),
-                                      f"digits: pretrained (left) vs ELEGANT LoRA, reward log p({DIGIT_TARGET}|x), alpha = 1")
+    # the grid: 32 pretrained and 32 fine-tuned samples drawn with the same seed (the same noise)
+    lrn = row.pop("_learner")
+    pre = sample(lrn.model, 32, seed=123, progress=False).x
+    tuned = sample(lrn.model, 32, control=lrn.control(), init=lrn.init_dist(), seed=123, progress=False).x
+    row["grid_png"] = _digit_grid(pre, tuned, os.path.join(args.out, "elegant_digits.png"),
+                                  f"digits, same noise: pretrained (left) vs ELEGANT LoRA (right); reward log p({DIGIT_TARGET} | x), alpha = 1")
     _log("digits: " + _brief(row) + f", target fraction {row.get('pretrained_target_fraction')} -> {row.get('finetuned_target_fraction')}")
     return [row]
 
@@ -300,7 +304,7 @@ def _digit_grid(pre, tuned, path: str, title: str) -> str:
     import matplotlib.pyplot as plt
     import torch
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, imgs, name in ((axes[0], pre, "pretrained"), (axes[1], tuned, "fine-tuned")):
         imgs = imgs.detach().float().reshape(-1, 8, 8).clamp(-1, 1).cpu()
         rows = math.ceil(imgs.shape[0] / 8)

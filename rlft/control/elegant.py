@@ -89,7 +89,7 @@ DRIFT_UPDATES = "drift_updates"
 class ElegantOptions:
     """The learner's options (the YAML `learner:` keys besides `type`), validated at construction."""
 
-    lr: float = 3e-3
+    lr: float = 1e-2
     """Adam learning rate of the drift control at the start of the cosine schedule."""
     lr_final: float = 1e-4
     """Drift learning rate at the end of the schedule (and after it)."""
@@ -182,7 +182,7 @@ class ElegantLearner(Learner):
         task: TaskConfig,
         model: DiffusionModel,
         reward: Reward,
-        lr: float = 3e-3,
+        lr: float = 1e-2,
         lr_final: float = 1e-4,
         batch_size: int = 256,
         drift_iterations: int = 2000,
