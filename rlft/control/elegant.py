@@ -93,7 +93,7 @@ class ElegantOptions:
     """Adam learning rate of the drift control at the start of the cosine schedule."""
     lr_final: float = 1e-4
     """Drift learning rate at the end of the schedule (and after it)."""
-    batch_size: int = 256
+    batch_size: int = 512
     """Trajectories per drift update."""
     drift_iterations: int = 2000
     """Length of the learning-rate schedule, in drift updates (training may continue past it at lr_final)."""
@@ -184,7 +184,7 @@ class ElegantLearner(Learner):
         reward: Reward,
         lr: float = 1e-2,
         lr_final: float = 1e-4,
-        batch_size: int = 256,
+        batch_size: int = 512,
         drift_iterations: int = 2000,
         drift_iterations_per_train_iteration: int = 10,
         hidden: int = 64,
