@@ -161,10 +161,18 @@ def test_f_reward_is_increasing_and_differentiable(name):
     assert bool((grad >= 0).all() and (grad > 0).any())
 
 
-def test_chi2_r_f_stays_finite_where_the_ratio_is_zero():
-    rf = dv.f_reward(torch.tensor([-100.0, 0.0]), 1.0, "chi2", 0.0, min_ratio=1e-6)
-    assert float(rf[0]) == pytest.approx(math.log(1e-6))
-    assert float(rf[1]) == pytest.approx(0.0)
+def test_chi2_r_f_stays_finite_and_increasing_where_the_ratio_is_zero():
+    # chi^2: ratio = max(1 + y/2, 0); y0 = f'(1e-6) = 2 (1e-6 - 1) is where the ratio reaches min_ratio
+    y0 = 2.0 * (1e-6 - 1.0)
+    r = torch.tensor([-100.0, -3.0, y0, y0 + 1e-3, 0.0], dtype=torch.float64, requires_grad=True)
+    rf = dv.f_reward(r, 1.0, "chi2", 0.0, min_ratio=1e-6)
+    assert bool(torch.isfinite(rf).all())
+    # below y0: the line log(min_ratio) + (y - y0), continuous at y0; above: the exact log(1 + y/2)
+    torch.testing.assert_close(rf[:3], math.log(1e-6) + (r[:3].detach() - y0))
+    torch.testing.assert_close(rf[3:], torch.log1p(r[3:].detach() / 2.0))
+    (grad,) = torch.autograd.grad(rf.sum(), r)
+    torch.testing.assert_close(grad[:2], torch.ones(2, dtype=torch.float64))  # the zero-ratio region still has a slope
+    assert bool((grad > 0).all())
 
 
 def test_tang_def42_raises_for_forward_kl_and_agrees_for_kl():
