@@ -31,7 +31,8 @@ Figures per learner (1000 samples per seed, mean over seeds, `_se` = standard er
     reward (r of the continuous x_K, what the learners optimise), reward_decoded (r of the one-hot argmax),
     true_reward (r*), kl (path KL to the pretrained chain, incl. the initial law's), objective (r - alpha KL),
     diversity (mean pairwise Levenshtein distance of decoded sequences, ELEGANT §8), hamming_diversity,
-    distinct_fraction, tv_to_target (total variation between the decoded samples and the exact tilted target),
+    distinct_fraction, tv_to_target (total variation between the decoded samples and the exact tilted target;
+    for elegant_f the exact f-divergence optimum `target_f`),
     reward_queries, seconds.
 The exact optimum (`target`): p_tar(s) ∝ p_data(s) exp(r(s)/alpha) over the 65,536 sequences (r of the one-hot
 s), with its E[r], E[r*], KL to p_data, J*, diversity and the TV an n-sample perfect sampler would show
@@ -159,7 +160,10 @@ def sample_figures(x, kl, reward, alpha: float, target, queries: int, seconds: f
 
 
 def exact_targets(reward, alpha: float, n: int, pretrained_x=None, divergence: str | None = None) -> dict[str, Any]:
-    """The exact optima over sequences at alpha (see the module docstring); "_p" holds the r-tilted law (65536,)."""
+    """The exact optima over sequences at alpha (see the module docstring).
+
+    "_p" holds the r-tilted law (65536,), and "_p_f" the f-divergence optimum when `divergence` is given.
+    """
     import numpy as np
     import torch
 
@@ -197,7 +201,8 @@ def exact_targets(reward, alpha: float, n: int, pretrained_x=None, divergence: s
         lam = solve_lambda(torch.from_numpy(np.repeat(r, weights)), alpha, div)
         w = div.f_prime_inv((torch.from_numpy(r) - lam) / alpha).double().numpy()
         pf = base * np.maximum(w, 0.0)
-        out["target_f"] = {"divergence": divergence, "lambda": lam, **summary(pf / pf.sum(), base, 3)}
+        out["_p_f"] = pf / pf.sum()
+        out["target_f"] = {"divergence": divergence, "lambda": lam, **summary(out["_p_f"], base, 3)}
     return out
 
 
@@ -351,6 +356,7 @@ def benchmark(names: list[str], budget: Budget, alpha: float, scores: str | None
     pre = sample(model, 4 * budget.samples, seed=10_000, desc="pretrained (target)")
     target = exact_targets(reward, alpha, budget.samples, pre.x, divergence if "elegant_f" in names else None)
     p_target = target.pop("_p")
+    p_target_f = target.pop("_p_f", None)  # elegant_f's TV is to the f-divergence optimum it targets
 
     learners: dict[str, Any] = {}
     samples: dict[str, torch.Tensor] = {}
@@ -369,7 +375,8 @@ def benchmark(names: list[str], budget: Budget, alpha: float, scores: str | None
                 failures.setdefault(name, []).append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
                 continue
             out = sample(model, budget.samples, control=control, init=init, seed=1000 + seed, desc=f"{name} samples")
-            rows.append(sample_figures(out.x, out.kl, reward, alpha, p_target, queries, time.perf_counter() - t0))
+            p = p_target_f if name == "elegant_f" and p_target_f is not None else p_target
+            rows.append(sample_figures(out.x, out.kl, reward, alpha, p, queries, time.perf_counter() - t0))
             if seed == 0:
                 samples[name] = out.x
         if rows:
@@ -514,6 +521,8 @@ def _print_table(report: dict[str, Any]) -> None:
     tg = report["target"]
     rows["exact target"] = {**tg, TV: tg["tv_floor"]}
     rows["target (r*-tilt)"] = {**tg["target_true"], TV: tg["target_true"]["tv_floor"]}
+    if "target_f" in tg:
+        rows[f"target ({tg['target_f']['divergence']})"] = {**tg["target_f"], TV: tg["target_f"]["tv_floor"]}
     for name, row in rows.items():
         print(f"{name:17s} {_pm(row, REWARD):>15s} {_pm(row, REWARD_DECODED):>15s} {_pm(row, TRUE_REWARD):>15s} "
               f"{_pm(row, KL, 1):>15s} {row.get(DIVERSITY, float('nan')):9.2f} {row.get(HAMMING, float('nan')):7.2f} "
