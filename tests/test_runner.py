@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from rlft import cli
 from rlft.config import task_from_dict
+from rlft.control.elegant import ElegantLearner
 from rlft.learners import Learner
 from rlft.models import build_model
 from rlft.rewards import build_reward, evaluate
@@ -114,10 +115,13 @@ def _rows(trial_path: str, name: str = "result.json") -> list[dict]:
     return [json.loads(line) for line in Path(trial_path, name).read_text().splitlines() if line.strip()]
 
 
-def _build(task_data: dict) -> LinearLearner:
+def _build(task_data: dict) -> Learner:
+    """The learner task_data names (LinearLearner unless its learner.type says otherwise), built in this process."""
+    from rlft.learners import build_learner
+
     task = task_from_dict(task_data)
     model = build_model(task.model, task.num_steps)
-    return LinearLearner(task, model, build_reward(task.reward, model=model))
+    return build_learner(task, model, build_reward(task.reward, model=model))
 
 
 # -- without Ray ------------------------------------------------------------------------------------
@@ -271,3 +275,64 @@ def test_elegant_learner_runs_and_resumes_under_the_runner(ray_session, tmp_path
     assert cli.main(["train", config, "--json", "--resume"]) == 0  # nothing left to do: same result
     again = json.loads(capsys.readouterr().out)
     assert again["iteration"] == 3 and again["reward"] == out["reward"]
+
+
+class FailingElegant(ElegantLearner):
+    """The real ELEGANT learner, whose first attempt at iteration `fail_at` raises (marker file as above)."""
+
+    def __init__(self, task, model, reward, fail_at: int = 0, fail_marker: str = "", **options) -> None:
+        super().__init__(task, model, reward, **options)
+        self.fail_at, self.fail_marker = fail_at, fail_marker
+
+    def train_iteration(self) -> dict[str, float]:
+        marker = Path(self.fail_marker.format(alpha=self.task.alpha)) if self.fail_marker else None
+        if self.fail_at and self.iteration + 1 == self.fail_at and not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError(f"injected failure at iteration {self.fail_at}")
+        return super().train_iteration()
+
+
+TINY_ELEGANT = {"batch_size": 32, "drift_iterations_per_train_iteration": 2, "hidden": 16, "depth": 1, "init_steps": 5,
+                "init_iterations": 10, "init_batch_size": 64, "value_starts": 64, "value_rollouts": 2, "value_iterations": 20}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_elegant_alpha_sweep_is_interrupted_and_restored_to_the_uninterrupted_learner(ray_session, tmp_path, capsys):
+    """Two alphas of the real ELEGANT learner under Tune: a failure at iteration 3, `--resume` from the checkpoint
+    at 2; each restored trial's final learner equals one trained in this process without interruption."""
+    data = _task_dict(tmp_path)
+    data["learner"] = {"type": "tests.test_runner:FailingElegant", **TINY_ELEGANT, "fail_at": 3,
+                       "fail_marker": str(tmp_path / "failed_{alpha}")}
+    data["sweep"] = {"alpha": [0.5, 2.0]}
+    data["run"].update(name="elegant_sweep", iterations=4, max_concurrent_trials=2)
+    config = _write(tmp_path, data, "sweep.yaml")
+    code = cli.main(["sweep", config, "--json"])
+    first = json.loads(capsys.readouterr().out)
+    assert code == 1 and first["num_errors"] == 2
+    code = cli.main(["sweep", config, "--json", "--resume"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    out = json.loads(captured.out)
+    assert [t["config"] for t in out["trials"]] == [{"alpha": 0.5}, {"alpha": 2.0}] and out["num_errors"] == 0
+    for trial in out["trials"]:
+        assert trial["status"] == "TERMINATED" and trial["iteration"] == 4 and STANDARD_KEYS <= set(trial)
+        rows = _rows(trial["trial_path"])
+        assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and rows[2]["iterations_since_restore"] == 1
+        # the newest checkpoint against the same learner trained 4 iterations in one go
+        newest = sorted(Path(trial["trial_path"]).glob("checkpoint_*"))[-1]
+        assert read_checkpoint_state(str(newest))["iteration"] == 4
+        task_data = {**data, "alpha": trial["config"]["alpha"], "learner": {**data["learner"], "fail_at": 0}}
+        task_data.pop("sweep"), task_data.pop("run")
+        restored, reference = _build(task_data), _build(task_data)
+        restored.load_checkpoint(str(newest / LEARNER_DIR))
+        for _ in range(4):
+            reference.train_iteration()
+        assert restored.drift_updates == reference.drift_updates == 8
+        for (name, a), b in zip(restored.drift_net.state_dict().items(), reference.drift_net.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        x0 = torch.zeros(16, 2)
+        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        torch.testing.assert_close(rollout(restored.model, x0, restored.control(), generator=gen()).x,
+                                   rollout(reference.model, x0, reference.control(), generator=gen()).x)
+    assert Path(out["plots"]["pareto"]).is_file()
