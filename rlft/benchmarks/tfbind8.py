@@ -1,6 +1,6 @@
 """`rlft bench tfbind8`: reward over-optimisation on TFBind8, every learner side by side (ELEGANT Tables 2-3, Fig. 2).
 
-    rlft bench tfbind8 [--budget small|full] [--alpha 0.01] [--seeds N] [--scores FILE] [--learners a,b,...]
+    rlft bench tfbind8 [--budget small|full] [--alpha 0.01] [--seeds N] [--lr LR] [--scores FILE] [--learners a,b,...]
                        [--out DIR] [--json]
     rlft bench tfbind8 --sweep-results EXP/rlft_results.json [--out DIR] [--json]      # r* against alpha
 
@@ -120,6 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.01, help="KL weight alpha of every learner (default 0.01, Table 3)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per learner (default: the budget's)")
     p.add_argument("--updates", type=int, default=None, help="drift updates / PPO iterations (default: the budget's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="drift learning rate of the KL-regularised differentiable learners (default: the budget's, 3e-3)")
     p.add_argument("--scores", default=None, help="raw PBM 8-mer file of another transcription factor (default: SIX6)")
     p.add_argument("--learners", default=",".join(ALL_LEARNERS), help=f"comma-separated subset of {','.join(ALL_LEARNERS)}")
     p.add_argument("--gamma", type=float, default=30.0, help="classifier-guidance level (ELEGANT Table 6: 30)")
@@ -318,6 +320,11 @@ def run(args: argparse.Namespace) -> int:
     if any(v < 1 for v in overrides.values()):
         print(f"rlft bench tfbind8: --seeds and --updates must be >= 1 (got {overrides})", file=sys.stderr)
         return 2
+    if args.lr is not None:
+        if not (args.lr > 0 and math.isfinite(args.lr)):
+            print(f"rlft bench tfbind8: --lr must be a finite number > 0 (got {args.lr})", file=sys.stderr)
+            return 2
+        overrides["lr"] = args.lr
     from dataclasses import replace
 
     budget = replace(budget, **overrides)

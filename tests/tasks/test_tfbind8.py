@@ -214,7 +214,7 @@ def test_bench_tiny_run_reports_every_figure(built, cache, tmp_path):
                     value_iterations=2, init_iterations=2, init_steps=2, classifier_steps=5)
     names = ["pretrained", "guidance", "guidance_tweedie"]
     if importlib.util.find_spec("rlft.control.elegant") is not None:
-        names += ["no_kl", "elegant_drift"]
+        names += ["no_kl", "elegant_drift", "elegant_f"]
     report = benchmark(names, budget, 0.01, None, cache, 30.0, "forward_kl", tmp_path,
                        model_options=TINY_MODEL, reward_options={"epochs": TINY_ORACLE_EPOCHS})
     assert set(report["learners"]) == set(names) and not report["failures"]
@@ -225,6 +225,8 @@ def test_bench_tiny_run_reports_every_figure(built, cache, tmp_path):
     assert report["learners"]["pretrained"]["kl"] == 0.0
     target = report["target"]
     assert target["true_reward"] > target["data"]["true_reward"] and 0 < target["tv_floor"] < 1
+    if "elegant_f" in names:  # the exact f-divergence optimum is reported, and it is a law over sequences
+        assert target["target_f"]["divergence"] == "forward_kl" and 0 < target["target_f"]["tv_floor"] < 1
     assert Path(report["plots"]["histograms"]).is_file()
     assert json.loads((tmp_path / "results.json").read_text())["task"]["alpha"] == 0.01
 
