@@ -35,6 +35,18 @@ def test_score_equals_autograd_of_exact_log_density(fixture, request):
         assert torch.allclose(model.score(k, x.detach()), grad, atol=1e-10, rtol=1e-8)
 
 
+
+@pytest.mark.parametrize("fixture", ["gmm2d", "gmm3d"])
+def test_float32_score_agrees_with_the_float64_reference_form(fixture, request):
+    model = request.getfixturevalue(fixture)
+    g = torch.Generator().manual_seed(1)
+    for k in [0, model.num_steps // 2, model.num_steps - 1, model.num_steps]:
+        x = torch.randn((512, model.event_dim), generator=g, dtype=torch.float64) * 3  # far tails included
+        want = model.marginal(k).score(x)
+        got = model.score(k, x.float())
+        assert got.dtype == torch.float32
+        assert float((got.double() - want).norm() / want.norm()) < 1e-5, k
+
 def _importance_estimates(mix: GaussianMixture, reward, alpha: float, n: int, seed: int):
     """Self-normalised importance estimates of the tilted target from samples of p_data."""
     x = mix.sample(n, torch.Generator().manual_seed(seed))
