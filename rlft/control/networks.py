@@ -82,12 +82,21 @@ class VectorControlNet(nn.Module):
     def forward(self, t: float | torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """t: scalar or (B,) in [0, 1]; x: (B, *event); cond: (B, *cond_shape) or None -> (B, *event)."""
         b = x.shape[0]
-        parts = [x.reshape(b, -1), time_features(t, b, self.num_frequencies, x)]
+        flat = x.reshape(b, -1)
+        if self.cond_dim and cond is None:
+            raise ValueError("this control network was built for a conditional model: pass cond (B, *cond_shape)")
+        first = self.net[0]
+        size = flat.shape[1]
+        if isinstance(t, torch.Tensor) and t.numel() > 1:
+            tf = time_features(t, b, self.num_frequencies, x)  # (B, 2F)
+        else:  # one time for the whole batch: its features enter the first layer as a bias, (1, 2F)
+            tf = time_features(t, 1, self.num_frequencies, x)
+        # the first layer on cat([x, time features, cond]), without materialising the (B, in) concatenation
+        w = first.weight
+        h = flat @ w[:, :size].T + (tf @ w[:, size : size + tf.shape[1]].T + first.bias)  # (B, hidden)
         if self.cond_dim:
-            if cond is None:
-                raise ValueError("this control network was built for a conditional model: pass cond (B, *cond_shape)")
-            parts.append(cond.reshape(b, -1).to(x.dtype))
-        out = self.net(torch.cat(parts, dim=-1))  # (B, out)
+            h = h + cond.reshape(b, -1).to(x.dtype) @ w[:, size + tf.shape[1] :].T
+        out = self.net[1:](h)  # (B, out)
         return out if self.out_features else out.reshape(x.shape)
 
 
