@@ -140,7 +140,6 @@ def test_optional_logger_missing_package_is_a_clear_error():
 
 
 def test_shipped_tune_configs_are_valid():
-    pytest.importorskip("rlft.control.elegant")
     task, run, grid = load_experiment(ROOT / "tune_configs" / "gmm_elegant.yaml")
     assert not grid and task.learner == {"type": "elegant"}
     task, run, grid = load_experiment(ROOT / "tune_configs" / "gmm_alpha_sweep.yaml")

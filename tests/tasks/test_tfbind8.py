@@ -7,7 +7,6 @@ that reproduce numbers are `rlft bench tfbind8` and the `slow` tests.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -171,7 +170,6 @@ def _learner_specs() -> dict[str, dict]:
     }
 
 
-@pytest.mark.skipif(importlib.util.find_spec("rlft.control.elegant") is None, reason="rlft.control.elegant not written yet")
 @pytest.mark.parametrize("name", list(_learner_specs()))
 def test_every_differentiable_learner_runs_one_tiny_iteration_from_yaml(name, built, task_data):
     from rlft.learners import build_learner
@@ -190,7 +188,6 @@ def test_every_differentiable_learner_runs_one_tiny_iteration_from_yaml(name, bu
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-@pytest.mark.skipif(importlib.util.find_spec("rlft.rllib.ppo_kl") is None, reason="rlft.rllib.ppo_kl not written yet")
 def test_ppo_kl_runs_one_tiny_iteration_from_yaml(built, task_data, ray_session):
     from rlft.learners import build_learner
 
@@ -212,9 +209,7 @@ def test_bench_tiny_run_reports_every_figure(built, cache, tmp_path):
 
     budget = Budget(num_steps=4, batch_size=4, updates=1, seeds=2, samples=64, value_starts=8, value_rollouts=2,
                     value_iterations=2, init_iterations=2, init_steps=2, classifier_steps=5)
-    names = ["pretrained", "guidance", "guidance_tweedie"]
-    if importlib.util.find_spec("rlft.control.elegant") is not None:
-        names += ["no_kl", "elegant_drift", "elegant_f"]
+    names = ["pretrained", "guidance", "guidance_tweedie", "no_kl", "elegant_drift", "elegant_f"]
     report = benchmark(names, budget, 0.01, None, cache, 30.0, "forward_kl", tmp_path,
                        model_options=TINY_MODEL, reward_options={"epochs": TINY_ORACLE_EPOCHS})
     assert set(report["learners"]) == set(names) and not report["failures"]
@@ -225,8 +220,8 @@ def test_bench_tiny_run_reports_every_figure(built, cache, tmp_path):
     assert report["learners"]["pretrained"]["kl"] == 0.0
     target = report["target"]
     assert target["true_reward"] > target["data"]["true_reward"] and 0 < target["tv_floor"] < 1
-    if "elegant_f" in names:  # the exact f-divergence optimum is reported, and it is a law over sequences
-        assert target["target_f"]["divergence"] == "forward_kl" and 0 < target["target_f"]["tv_floor"] < 1
+    # the exact f-divergence optimum is reported, and it is a law over sequences
+    assert target["target_f"]["divergence"] == "forward_kl" and 0 < target["target_f"]["tv_floor"] < 1
     assert Path(report["plots"]["histograms"]).is_file()
     assert json.loads((tmp_path / "results.json").read_text())["task"]["alpha"] == 0.01
 
