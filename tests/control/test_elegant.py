@@ -169,6 +169,17 @@ def test_no_kl_runs_at_alpha_zero():
     assert lrn.train_alpha == 0.0
 
 
+@pytest.mark.parametrize("learner, lr, clip", [
+    ({"type": "elegant"}, 5e-3, 0.0), ({"type": "no_kl"}, 1e-3, 1.0), ({"type": "truncation"}, 1e-3, 1.0),
+    ({"type": "random_k", "kl_penalty": True}, 5e-3, 0.0), ({"type": "no_kl", "lr": 2e-3, "max_grad_norm": 0.0}, 2e-3, 0.0),
+])
+def test_step_size_defaults_follow_the_kl_term(learner, lr, clip):
+    """Without the KL term nothing bounds the control, so those learners default to a smaller, clipped step."""
+    lrn = make({**learner, **TINY})
+    assert lrn.options.lr == lr and lrn.options.max_grad_norm == clip
+    assert lrn.drift_opt.param_groups[0]["lr"] == lr
+
+
 def test_truncation_and_random_k_cut_the_gradient():
     lrn = make({"type": "truncation", **TINY, "truncation_steps": 2, "segment_steps": 4})
     assert lrn._grad_start() == 4 and lrn.windows(4) == [(0, 4), (4, 6)]
