@@ -17,7 +17,8 @@ Sections (`--sections`, default all but digits; `--digits` adds it):
              before/after, and a sample-grid PNG.
 
 Times: wall-clock and the process CPU time (a shared machine inflates the first, not the second; with one
-torch thread on an idle machine they agree). Every run uses `--threads` torch threads (default 1).
+torch thread on an idle machine they agree). Every run uses `--threads` torch threads (default 1); `--jobs N` trains
+N runs at a time, each in its own process (so `--jobs 2` fills a 2-core machine).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run, not the benchmark's numbers)")
     p.add_argument("--iterations", type=int, default=200, help="train_iteration() calls per run (default 200, the runner's default)")
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"samples per evaluation (default {EVAL_SAMPLES})")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time, each in its own process (default 1)")
     p.add_argument("--memory-cap-mb", type=float, default=0.0, help="memory section: address-space cap above the baseline (0 = none)")
     p.add_argument("--digits-model", default=None, help="digits: directory of a trained digits model (default: train one)")
     p.add_argument("--out", default="rlft_bench_elegant", help="directory for PNGs and results.json")
@@ -104,9 +106,12 @@ def train_run(task_data: dict, learner: dict, iterations: int, eval_samples: int
     reward = build_reward(task.reward, model=model)
     lrn = build_learner(task, model, reward)
     wall, cpu = time.perf_counter(), time.process_time()
+    first: dict[str, float] = {}
     metrics: dict[str, float] = {}
-    for _ in tqdm(range(iterations), desc=label, disable=not progress, leave=False, file=sys.stderr):
+    for i in tqdm(range(iterations), desc=label, disable=not progress, leave=False, file=sys.stderr):
         metrics = lrn.train_iteration()
+        if i == 0:
+            first = metrics  # steps 1-2 (value, initial law) report here
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     samples: dict = {}
     from rlft.evaluation import evaluate_run
@@ -120,35 +125,130 @@ def train_run(task_data: dict, learner: dict, iterations: int, eval_samples: int
             init_kl = float(init.init_sample(eval_samples, torch.Generator().manual_seed(0))[1].mean())
     return {
         "label": label, "alpha": task.alpha, "learner": learner, "iterations": iterations, "wall_s": wall, "cpu_s": cpu,
-        "reward_queries": int(lrn.reward_queries), "init_kl": init_kl, "setup_metrics": {k: v for k, v in metrics.items()},
-        **{k: v for k, v in report.items()}, "_samples": samples, "_learner": lrn,
+        "reward_queries": int(lrn.reward_queries), "init_kl": init_kl, "setup_metrics": first, "final_metrics": metrics,
+        **{k: v for k, v in report.items()}, **mode_weights(model, reward, task.alpha, samples.get("finetuned")),
+        **f_target_figures(model, reward, task.alpha, learner.get("divergence", "kl"), samples.get("finetuned"), task.seed),
+        "_samples": samples, "_learner": lrn,
     }
+
+
+#: proposals per SIR draw of an exact f-divergence optimum (`f_target_figures`)
+F_TARGET_PROPOSALS = 200_000
+
+
+def f_target_figures(model, reward, alpha: float, divergence: str, x, seed: int) -> dict[str, Any]:
+    """Mixture tasks with an f-divergence other than KL: the energy distance of x (n, D) to that divergence's exact
+    optimum p_f = (f')^{-1}((r - lambda)/alpha) p_data (TANG Prop. 4.1), beside the floor of two exact draws.
+
+    p_f is drawn by sampling-importance-resampling: 200k proposals from the data mixture, weights
+    (f')^{-1}((r - lambda)/alpha) with lambda solved on those proposals (`rlft.divergences.solve_lambda`); each of
+    the two exact draws resamples its own proposals."""
+    import torch
+
+    from rlft import metrics
+    from rlft.divergences import get_divergence, solve_lambda
+    from rlft.evaluation import _block
+
+    div = get_divergence(divergence)
+    if x is None or div.name in ("kl", "reverse_kl") or not hasattr(model, "data"):
+        return {}
+    g = torch.Generator().manual_seed(seed + 7)
+
+    def draw(n: int) -> torch.Tensor:
+        proposals = model.data.sample(F_TARGET_PROPOSALS, g)  # (M, D) float64
+        with torch.no_grad():
+            r = reward(proposals).double()
+        lam = solve_lambda(r, alpha, div)
+        w = div.f_prime_inv((r - lam) / alpha).clamp_min(0.0)
+        return proposals[torch.multinomial(w, n, replacement=True, generator=g)]
+
+    n = x.shape[0]
+    target, other = draw(n), draw(n)
+    return {"f_divergence": div.name, "energy_distance_f": metrics.energy_distance(x.double(), target, _block(n)),
+            "energy_distance_f_floor": metrics.energy_distance(other, target, _block(n))}
+
+
+def mode_weights(model, reward, alpha: float, x) -> dict[str, Any]:
+    """Mixture tasks: the fraction of samples x (n, D) in each component of the exact target (by its largest
+    responsibility) beside the target's weights, and their total variation `mode_tv` (where a sampler that is
+    right within modes but wrong across them shows up)."""
+    import torch
+
+    if x is None or not hasattr(model, "exact_target") or getattr(reward, "exact_form", None) is None or not alpha > 0:
+        return {}
+    target = model.exact_target(reward, alpha).mixture
+    with torch.no_grad():
+        comp = target.component_log_probs(x.double()).argmax(-1)  # (n,)
+    w = torch.bincount(comp, minlength=target.weights.numel()).double() / comp.numel()
+    return {"mode_weights": w.tolist(), "target_mode_weights": target.weights.tolist(),
+            "mode_tv": 0.5 * float((w - target.weights).abs().sum())}
 
 
 # -- sections -----------------------------------------------------------------------------------------
 
 
-def section_gmm(args, budget: dict) -> list[dict[str, Any]]:
-    rows = []
-    tasks = ("2d", "8d", "2d_alt")
-    for name in tasks:
-        for alpha in ALPHAS:
-            row = train_run(gmm_task(name, alpha), {"type": "elegant", **budget}, args.iterations, args.eval_samples,
-                            not args.no_progress, f"{name} alpha={alpha}")
-            row["task"] = name
-            rows.append(row)
-            _log(f"gmm {name} alpha={alpha}: " + _brief(row))
+def _train_row(job: tuple) -> dict[str, Any]:
+    """`train_run` in a worker process: sets the torch threads and drops the learner (it stays in the worker)."""
+    import torch
+
+    task_data, learner, iterations, eval_samples, progress, label, threads = job
+    torch.set_num_threads(threads)
+    row = train_run(task_data, learner, iterations, eval_samples, progress, label)
+    row.pop("_learner", None)
+    return row
+
+
+def run_jobs(jobs: list[tuple[dict, dict, str]], args) -> list[dict[str, Any]]:
+    """Trains (task_data, learner, label) jobs, `args.jobs` at a time in fresh worker processes (1: in this one).
+
+    Each worker uses `args.threads` torch threads, so --jobs 2 --threads 1 fills a 2-core machine. Rows come
+    back in the order of `jobs`; their wall/CPU times are each worker's own.
+    """
+    specs = [(task, learner, args.iterations, args.eval_samples, not args.no_progress and args.jobs == 1, label, args.threads)
+             for task, learner, label in jobs]
+    if args.jobs <= 1 or len(specs) <= 1:
+        rows = []
+        for spec in specs:
+            rows.append(_train_row(spec))
+            _log(f"{spec[5]}: " + _brief(rows[-1]))
+        return rows
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    done: list[dict[str, Any] | None] = [None] * len(specs)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_row, spec): i for i, spec in enumerate(specs)}
+        from concurrent.futures import as_completed
+
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({args.jobs} at a time)",
+                        disable=args.no_progress, file=sys.stderr):
+            i = futures[fut]
+            done[i] = fut.result()
+            _log(f"{specs[i][5]}: " + _brief(done[i]))
+    return done  # type: ignore[return-value]
+
+
+def gmm_jobs(budget: dict) -> list[tuple[dict, dict, str]]:
+    return [(gmm_task(name, alpha), {"type": "elegant", **budget}, f"{name} alpha={alpha}")
+            for name in ("2d", "8d", "2d_alt") for alpha in ALPHAS]
+
+
+def finish_gmm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row, name in zip(rows, [n for n in ("2d", "8d", "2d_alt") for _ in ALPHAS]):
+        row["task"] = name
     return rows
 
 
-def section_ablation(args, budget: dict) -> list[dict[str, Any]]:
-    rows = []
-    for learn_init in (True, False):
-        row = train_run(gmm_task("ablation", 1.0), {"type": "elegant", "learn_init": learn_init, **budget}, args.iterations,
-                        args.eval_samples, not args.no_progress, f"ablation learn_init={learn_init}")
+def ablation_jobs(budget: dict) -> list[tuple[dict, dict, str]]:
+    return [(gmm_task("ablation", 1.0), {"type": "elegant", "learn_init": learn_init, **budget}, f"ablation learn_init={learn_init}")
+            for learn_init in (True, False)]
+
+
+def finish_ablation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row, learn_init in zip(rows, (True, False)):
         row["task"], row["learn_init"] = "ablation", learn_init
-        rows.append(row)
-        _log(f"ablation learn_init={learn_init}: " + _brief(row))
     return rows
 
 
@@ -162,17 +262,17 @@ BASELINES = (
 )
 
 
-def section_baselines(args, budget: dict, reuse: dict | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for label, learner in BASELINES:
-        if label == "elegant" and reuse is not None:
-            row = dict(reuse)
-        else:
-            row = train_run(gmm_task("2d", 1.0), {**learner, **budget}, args.iterations, args.eval_samples,
-                            not args.no_progress, label)
+def baseline_jobs(budget: dict, reuse: bool) -> list[tuple[dict, dict, str]]:
+    """The 2-D task at alpha = 1 for every baseline (ELEGANT itself left out when the gmm section ran it)."""
+    return [(gmm_task("2d", 1.0), {**learner, **budget}, label) for label, learner in BASELINES if not (reuse and label == "elegant")]
+
+
+def finish_baselines(rows: list[dict[str, Any]], reuse: dict | None) -> list[dict[str, Any]]:
+    rows = list(rows)
+    if reuse is not None:
+        rows.insert(0, dict(reuse))
+    for row, (label, _) in zip(rows, BASELINES):
         row["task"], row["label"] = "2d", label
-        rows.append(row)
-        _log(f"baseline {label}: " + _brief(row))
     return rows
 
 
@@ -335,18 +435,20 @@ def _log(message: str) -> None:
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
-    return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+    if not (isinstance(v, (int, float)) and math.isfinite(v)):
+        return "-"
+    return format(v, ".3g" if abs(v) >= 1e5 else spec)  # a diverged baseline's KL runs to 1e18
 
 
 def print_tables(results: dict[str, Any], stream=sys.stderr) -> None:
     w = stream.write
     if results.get("gmm"):
         w("\nELEGANT (defaults) on the exact GMM bed\n")
-        w(f"{'task':7} {'alpha':>5} {'gap':>6} {'ED':>8} {'floor':>8} {'ED/fl':>6} {'reward':>8} {'KL':>7} {'J':>8} {'J*':>8} {'div':>6} {'wall s':>7} {'cpu s':>7}\n")
+        w(f"{'task':7} {'alpha':>5} {'gap':>6} {'ED':>8} {'floor':>8} {'ED/fl':>6} {'modeTV':>6} {'reward':>8} {'KL':>7} {'J':>8} {'J*':>8} {'div':>6} {'wall s':>7} {'cpu s':>7}\n")
         for r in results["gmm"]:
             ratio = r["energy_distance"] / r["energy_distance_floor"]
             w(f"{r['task']:7} {r['alpha']:5.1f} {_fmt(r['gap_closure'], '.3f'):>6} {_fmt(r['energy_distance'], '.5f'):>8} "
-              f"{_fmt(r['energy_distance_floor'], '.5f'):>8} {_fmt(ratio, '.2f'):>6} {_fmt(r['reward']):>8} {_fmt(r['kl']):>7} "
+              f"{_fmt(r['energy_distance_floor'], '.5f'):>8} {_fmt(ratio, '.2f'):>6} {_fmt(r.get('mode_tv'), '.3f'):>6} {_fmt(r['reward']):>8} {_fmt(r['kl']):>7} "
               f"{_fmt(r['objective']):>8} {_fmt(r['optimal_objective']):>8} {_fmt(r['diversity'], '.3f'):>6} "
               f"{_fmt(r['wall_s'], '.0f'):>7} {_fmt(r['cpu_s'], '.0f'):>7}\n")
     if results.get("ablation"):
@@ -358,10 +460,16 @@ def print_tables(results: dict[str, Any], stream=sys.stderr) -> None:
               f"{_fmt(r['energy_distance_floor'], '.5f'):>8}\n")
     if results.get("baselines"):
         w("\nBaselines on the 2-D task (J at alpha = 1 for all)\n")
-        w(f"{'learner':17} {'reward':>8} {'KL':>8} {'J':>8} {'gap':>7} {'div':>6} {'ED':>8} {'wall s':>7} {'cpu s':>7}\n")
+        w(f"{'learner':17} {'reward':>8} {'KL':>8} {'J':>8} {'gap':>7} {'div':>6} {'ED':>8} {'ED/fl':>6} {'wall s':>7} {'cpu s':>7}\n")
         for r in results["baselines"]:
             w(f"{r['label']:17} {_fmt(r['reward']):>8} {_fmt(r['kl']):>8} {_fmt(r['objective']):>8} {_fmt(r['gap_closure'], '.3f'):>7} "
-              f"{_fmt(r['diversity'], '.3f'):>6} {_fmt(r['energy_distance'], '.4f'):>8} {_fmt(r['wall_s'], '.0f'):>7} {_fmt(r['cpu_s'], '.0f'):>7}\n")
+              f"{_fmt(r['diversity'], '.3f'):>6} {_fmt(r['energy_distance'], '.4f'):>8} "
+              f"{_fmt(r['energy_distance'] / r['energy_distance_floor'], '.2f'):>6} {_fmt(r['wall_s'], '.0f'):>7} {_fmt(r['cpu_s'], '.0f'):>7}\n")
+        for r in results["baselines"]:
+            if "energy_distance_f" in r:
+                w(f"  {r['label']}: energy distance to the exact {r['f_divergence']} optimum {r['energy_distance_f']:.5f} "
+                  f"(floor {r['energy_distance_f_floor']:.5f}, ratio {r['energy_distance_f'] / r['energy_distance_f_floor']:.2f})\n")
+        w("  (ED is to the KL target p_tar at alpha = 1: J and ED of the other rows measure how far each lands from it)\n")
     if results.get("memory"):
         w("\nOne drift update: peak memory growth and time against K (2-D task)\n")
         w(f"{'K':>5} {'checkpointing':>13} {'peak MB':>8} {'wall s':>7} {'cpu s':>7} {'ok':>4}\n")
@@ -421,8 +529,8 @@ def run(args) -> int:
 
     from rlft.config import ConfigError
 
-    if args.iterations < 1 or args.eval_samples < 10 or args.threads < 1:
-        raise ConfigError("--iterations must be >= 1, --eval-samples >= 10 and --threads >= 1")
+    if args.iterations < 1 or args.eval_samples < 10 or args.threads < 1 or args.jobs < 1:
+        raise ConfigError("--iterations must be >= 1, --eval-samples >= 10, --threads >= 1 and --jobs >= 1")
     torch.set_num_threads(args.threads)
     sections = list(args.sections or [s for s in SECTIONS if s != "digits"])
     if args.digits and "digits" not in sections:
@@ -434,13 +542,23 @@ def run(args) -> int:
         budget = {"value_starts": 64, "value_rollouts": 4, "value_iterations": 50, "init_iterations": 20, "batch_size": 64}
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"quick": args.quick, "iterations": args.iterations, "eval_samples": args.eval_samples, "threads": args.threads}
-    if "gmm" in sections:
-        results["gmm"] = section_gmm(args, budget)
-    if "ablation" in sections:
-        results["ablation"] = section_ablation(args, budget)
-    if "baselines" in sections:
+    # the training sections go through one pool, so --jobs N keeps N workers busy across sections
+    jobs: list[tuple[dict, dict, str]] = []
+    parts: dict[str, slice] = {}
+    for name, make in (("gmm", lambda: gmm_jobs(budget)), ("ablation", lambda: ablation_jobs(budget)),
+                       ("baselines", lambda: baseline_jobs(budget, reuse="gmm" in sections))):
+        if name in sections:
+            new = make()
+            parts[name] = slice(len(jobs), len(jobs) + len(new))
+            jobs += new
+    rows = run_jobs(jobs, args)
+    if "gmm" in parts:
+        results["gmm"] = finish_gmm(rows[parts["gmm"]])
+    if "ablation" in parts:
+        results["ablation"] = finish_ablation(rows[parts["ablation"]])
+    if "baselines" in parts:
         reuse = next((r for r in results.get("gmm", []) if r["task"] == "2d" and r["alpha"] == 1.0), None)
-        results["baselines"] = section_baselines(args, budget, reuse)
+        results["baselines"] = finish_baselines(rows[parts["baselines"]], reuse)
     if "memory" in sections:
         results["memory"] = section_memory(args, args.quick)
     if "digits" in sections:
