@@ -36,6 +36,9 @@ def _save(fig, path: str | os.PathLike) -> str:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot should read like any file the user writes
     try:
         fig.savefig(tmp, format="png", bbox_inches="tight")
         os.replace(tmp, path)
