@@ -188,12 +188,18 @@ def mode_weights(model, reward, alpha: float, x) -> dict[str, Any]:
 
 
 def _train_row(job: tuple) -> dict[str, Any]:
-    """`train_run` in a worker process: sets the torch threads and drops the learner (it stays in the worker)."""
+    """`train_run` in a worker process: sets the torch threads and drops the learner (it stays in the worker).
+
+    A run that raises (a baseline that diverges to NaN) comes back as {"label", "alpha", "error"}, so the other
+    runs' figures are still reported."""
     import torch
 
     task_data, learner, iterations, eval_samples, progress, label, threads = job
     torch.set_num_threads(threads)
-    row = train_run(task_data, learner, iterations, eval_samples, progress, label)
+    try:
+        row = train_run(task_data, learner, iterations, eval_samples, progress, label)
+    except Exception as e:  # noqa: BLE001 - reported in the results, not swallowed
+        return {"label": label, "alpha": task_data.get("alpha"), "learner": learner, "error": f"{type(e).__name__}: {e}"}
     row.pop("_learner", None)
     return row
 
@@ -559,14 +565,23 @@ def run(args) -> int:
     if "baselines" in parts:
         reuse = next((r for r in results.get("gmm", []) if r["task"] == "2d" and r["alpha"] == 1.0), None)
         results["baselines"] = finish_baselines(rows[parts["baselines"]], reuse)
+    failures = [r for name in parts for r in results[name] if "error" in r]
+    for name in parts:
+        results[name] = [r for r in results[name] if "error" not in r]
+    if failures:
+        results["failures"] = failures
+        for r in failures:
+            _log(f"FAILED {r['label']}: {r['error']}")
     if "memory" in sections:
         results["memory"] = section_memory(args, args.quick)
     if "digits" in sections:
         results["digits"] = section_digits(args, args.quick)
     results["plots"] = make_plots(results, args.out)
     public = _public(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    tmp = os.path.join(args.out, ".results.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(public, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
     print_tables(results)
     if args.json:
         print(json.dumps(public, default=str))

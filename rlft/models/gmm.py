@@ -206,7 +206,12 @@ class GMMModel(CoefficientChain):
         return self._marginals[k]
 
     def score(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return _score_tables(self._tables, self._marginals, x)[k].score(x)
+        s = _score_tables(self._tables, self._marginals, x)[k].score(x)
+        if x.dtype != torch.float64 and not bool(torch.isfinite(s).all()):
+            # |x|^2 beyond float32 (a diverging learner's states, |x| > 1e19): the float64 reference form, so the
+            # run reports its huge KL instead of dying on a NaN reward
+            s = self._marginals[k].to(device=x.device).score(x)
+        return s
 
     # -- exact targets and the oracle control ----------------------------------------------------
     def exact_target(self, reward, alpha: float) -> ExactTarget:

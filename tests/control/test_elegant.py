@@ -245,6 +245,15 @@ def test_memory_probe_runs_in_process():
     assert out["ok"] and out["peak_rss_mb"] > 0 and out["wall_s_per_update"] > 0
 
 
+def test_bench_run_that_raises_comes_back_as_an_error_row():
+    """One diverging baseline must not lose the other runs' figures: its row carries the error instead."""
+    from rlft.benchmarks.elegant import _train_row, gmm_task
+
+    row = _train_row((gmm_task("2d", 1.0), {"type": "elegant", "batch_size": -3}, 1, 10, False, "broken", 1))
+    assert row["label"] == "broken" and row["alpha"] == 1.0
+    assert "batch_size" in row["error"]
+
+
 @pytest.mark.slow
 def test_bench_quick_runs(tmp_path):
     from rlft.cli import main

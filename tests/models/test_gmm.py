@@ -47,6 +47,16 @@ def test_float32_score_agrees_with_the_float64_reference_form(fixture, request):
         assert got.dtype == torch.float32
         assert float((got.double() - want).norm() / want.norm()) < 1e-5, k
 
+
+def test_float32_score_of_runaway_states_falls_back_to_float64(gmm2d):
+    """|x| ~ 1e20 (a diverging baseline's states): |x|^2 overflows float32, the score must stay finite and exact."""
+    k = gmm2d.num_steps
+    x = torch.tensor([[1e20, -3e20], [0.5, 0.5]], dtype=torch.float64)
+    got = gmm2d.score(k, x.float())
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    want = gmm2d.marginal(k).score(x.float().double())
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+
 def _importance_estimates(mix: GaussianMixture, reward, alpha: float, n: int, seed: int):
     """Self-normalised importance estimates of the tilted target from samples of p_data."""
     x = mix.sample(n, torch.Generator().manual_seed(seed))
