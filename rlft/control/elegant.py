@@ -471,9 +471,11 @@ class ElegantLearner(Learner):
         grads = [p.grad for p in self._drift_params if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         if not math.isfinite(norm):
+            hint = ("; without the KL term nothing bounds the control, so set kl_penalty: true or use type elegant"
+                    if not o.kl_penalty else "")
             raise FloatingPointError(
-                f"the drift gradient is {norm} at update {self.drift_updates}; lower learner.lr (now {o.lr}) "
-                "or set learner.max_grad_norm"
+                f"the drift gradient is {norm} at update {self.drift_updates}; lower learner.lr (now {o.lr})"
+                + (" or set learner.max_grad_norm" if not o.max_grad_norm > 0 else "") + hint
             )
         if o.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self._drift_params, o.max_grad_norm)
