@@ -219,15 +219,13 @@ def run_jobs(jobs: list[tuple[dict, dict, str]], args) -> list[dict[str, Any]]:
             _log(f"{spec[5]}: " + _brief(rows[-1]))
         return rows
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm.auto import tqdm
 
     done: list[dict[str, Any] | None] = [None] * len(specs)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_train_row, spec): i for i, spec in enumerate(specs)}
-        from concurrent.futures import as_completed
-
         for fut in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({args.jobs} at a time)",
                         disable=args.no_progress, file=sys.stderr):
             i = futures[fut]

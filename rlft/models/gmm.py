@@ -206,12 +206,7 @@ class GMMModel(CoefficientChain):
         return self._marginals[k]
 
     def score(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        s = _score_tables(self._tables, self._marginals, x)[k].score(x)
-        if x.dtype != torch.float64 and not bool(torch.isfinite(s).all()):
-            # |x|^2 beyond float32 (a diverging learner's states, |x| > 1e19): the float64 reference form, so the
-            # run reports its huge KL instead of dying on a NaN reward
-            s = self._marginals[k].to(device=x.device).score(x)
-        return s
+        return _mixture_score(self._tables, self._marginals, k, x)
 
     # -- exact targets and the oracle control ----------------------------------------------------
     def exact_target(self, reward, alpha: float) -> ExactTarget:
@@ -238,7 +233,7 @@ class OptimalControl:
 
     def __call__(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """delta*_k(x), same shape and dtype as x."""
-        score_tar = _score_tables(self._tables, self._target_marginals, x)[k].score(x)
+        score_tar = _mixture_score(self._tables, self._target_marginals, k, x)
         return self.model.mean_from_score(k, x, score_tar) - self.model.mean(k, x)
 
     def drift(self, t: float, x: torch.Tensor) -> torch.Tensor:
@@ -269,6 +264,16 @@ class OptimalControl:
         idx = torch.multinomial(torch.softmax(log_w, 0), n, replacement=True, generator=generator)
         x0 = proposals[idx]
         return x0.to(self.model.dtype), (log_ratio_all[idx] - log_z).to(self.model.dtype)
+
+
+def _mixture_score(cache: dict[tuple, list[ScoreTable]], marginals: list[GaussianMixture], k: int, x: torch.Tensor) -> torch.Tensor:
+    """The score of marginals[k] at x by its cached `ScoreTable`; where that overflows (|x|^2 beyond float32, a
+    diverging learner's states at |x| > 1e19) by the float64 reference form, so such a run reports its huge KL
+    instead of dying on a NaN reward."""
+    s = _score_tables(cache, marginals, x)[k].score(x)
+    if x.dtype != torch.float64 and not bool(torch.isfinite(s).all()):
+        s = marginals[k].to(device=x.device).score(x)
+    return s
 
 
 def _score_tables(cache: dict[tuple, list[ScoreTable]], marginals: list[GaussianMixture], x: torch.Tensor) -> list[ScoreTable]:

@@ -72,12 +72,9 @@ def test_classifier_guidance_moves_samples_into_the_labelled_region():
 
 
 def test_guidance_rejects_what_it_cannot_use(gmm2d):
-    class NotAChain:
-        pass
-
     clf = NoisyClassifier(ClassifierConfig((2,)))
     with pytest.raises(TypeError, match="CoefficientChain"):
-        ClassifierGuidance(NotAChain(), clf, 1.0)
+        ClassifierGuidance(object(), clf, 1.0)  # anything that is not a chain
     with pytest.raises(ValueError, match="gamma"):
         ClassifierGuidance(gmm2d, clf, -1.0)
     with pytest.raises(ValueError, match="alpha must be > 0"):
