@@ -113,9 +113,11 @@ def _scatter(samples: dict, path: str, task) -> Path:
         ax.set_aspect("equal")
     fig.suptitle(f"rlft demo: alpha={task.alpha}, K={task.num_steps}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)  # never leave a half-written PNG behind
+    from rlft.files import atomic_path
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # never leave a half-written PNG behind
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path

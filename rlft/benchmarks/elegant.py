@@ -576,10 +576,10 @@ def run(args) -> int:
         results["digits"] = section_digits(args, args.quick)
     results["plots"] = make_plots(results, args.out)
     public = _public(results)
-    tmp = os.path.join(args.out, ".results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(public, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(args.out, "results.json"))
+    from rlft.files import atomic_path
+
+    with atomic_path(os.path.join(args.out, "results.json")) as tmp:
+        tmp.write_text(json.dumps(public, indent=1, default=str))
     print_tables(results)
     if args.json:
         print(json.dumps(public, default=str))

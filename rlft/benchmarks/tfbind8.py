@@ -396,7 +396,10 @@ def benchmark(names: list[str], budget: Budget, alpha: float, scores: str | None
         "plots": {"histograms": histogram_plot(out_dir / "histograms.png", samples, reward, alpha)},
         "seconds": time.perf_counter() - start,
     }
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
+    from rlft.files import atomic_path
+
+    with atomic_path(out_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=float))
     return report
 
 

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -622,12 +621,8 @@ def _scheduler_class(name: str) -> type:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Calls write(tmp) on a temporary file beside `path`, then renames it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Calls write(tmp) on a temporary file beside `path`, then renames it over `path` (`rlft.files.atomic_path`)."""
+    from rlft.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)

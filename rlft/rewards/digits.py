@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,17 +146,12 @@ def _cache_file(training: ClassifierTraining) -> Path:
 
 def save_classifier(net: DigitCNN, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Writes the weights (safetensors) atomically: a temporary file beside `path`, then a rename."""
+    from rlft.files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        save_file(state, tmp, metadata={"format": "rlft-digit-classifier", "version": str(FORMAT_VERSION), **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "rlft-digit-classifier", "version": str(FORMAT_VERSION), **(metadata or {})})
     return path
 
 
