@@ -9,9 +9,12 @@ every command that reports a run is this dict.
                         else alpha * log-mean-exp(r/alpha) over pretrained samples (Donsker-Varadhan)
     gap_closure       = (J - J_pre) / (J* - J_pre)
     energy_distance   = to exact target samples (when the target is known), with the exact-vs-exact
-                        figure at the same sample size as `energy_distance_floor`; both average the
-                        V-statistic over 8 disjoint blocks (measured: with 8-16 blocks a correct sampler
-                        never exceeded 2x the floor in 40 repeats, with 1-4 blocks it did 5-8 % of the time)
+                        figure at the same sample size as `energy_distance_floor` (the mean of 8 exact draws
+                        against the same reference samples); both average the V-statistic over 8 disjoint
+                        blocks (measured: with 8-16 blocks a correct sampler never exceeded 2x the floor in
+                        40 repeats, with 1-4 blocks it did 5-8 % of the time; an exact sampler's ratio to
+                        the mean floor over 100 repeats at n = 2000: sd 0.17 on the 2-D bench task and 0.24
+                        on the 8-D one, max 1.51 and 1.85, against sd 0.23 and 0.31 to a one-draw floor)
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ SLICED_WASSERSTEIN = "sliced_wasserstein"
 PRETRAINED = "pretrained"
 NUM_SAMPLES = "num_samples"
 ENERGY_BLOCKS = 8
+#: exact-vs-exact draws averaged into `energy_distance_floor`
+FLOOR_DRAWS = 8
 
 _PRETRAINED_CACHE: dict[tuple, dict[str, Any]] = {}
 
@@ -127,7 +132,10 @@ def _pretrained_figures(model, reward, alpha, n, seed, progress) -> dict[str, An
         target_x = target.mixture.sample(n, g)
         out["_target_x"] = target_x
         out[ENERGY_DISTANCE] = metrics.energy_distance(pre.x.double(), target_x, _block(n))
-        out[ENERGY_DISTANCE_FLOOR] = metrics.energy_distance(target.mixture.sample(n, g), target_x, _block(n))
+        # the floor is the mean over FLOOR_DRAWS exact draws against the same reference: one draw's figure
+        # varies by +-30 % (0.0051-0.0085 on the 2-D task at n = 2000), which the ratio to it would inherit
+        floors = [metrics.energy_distance(target.mixture.sample(n, g), target_x, _block(n)) for _ in range(FLOOR_DRAWS)]
+        out[ENERGY_DISTANCE_FLOOR] = sum(floors) / len(floors)
         out[SLICED_WASSERSTEIN] = metrics.sliced_wasserstein(pre.x.double(), target_x, seed=seed)
     else:
         extra = sample(model, 3 * n, seed=seed + 1, progress=progress, desc="pretrained (J*)")

@@ -186,3 +186,24 @@ def test_gap_closure():
     assert metrics.gap_closure(-1.0, 1.0, 5.0) == pytest.approx(-0.5)
     assert math.isnan(metrics.gap_closure(2.0, 1.0, 1.0))  # no gap: undefined, not 0
     assert math.isnan(metrics.gap_closure(2.0, 1.0, 0.5))  # J* < J_pre: only Monte-Carlo noise can do that
+
+
+# -- the standard figures' floor ------------------------------------------------------------------
+
+
+def test_energy_distance_floor_is_the_mean_of_exact_draws_against_the_reference(gmm2d):
+    """`evaluate_run`'s floor: FLOOR_DRAWS exact draws, each against the reference the figure uses (naive loop)."""
+    from rlft import evaluation
+    from rlft.rewards.builtin import QuadraticReward
+
+    reward, alpha, n, seed = QuadraticReward([2.0, 2.0], 2.0), 1.0, 400, 3
+    evaluation.clear_cache()
+    out = evaluation.evaluate_run(gmm2d, reward, alpha, num_samples=n, seed=seed)
+    target = gmm2d.exact_target(reward, alpha).mixture
+    g = torch.Generator().manual_seed(seed + 10_000 + 1)  # the pretrained figures' seed + 1
+    reference = target.sample(n, g)
+    draws = [metrics.energy_distance(target.sample(n, g), reference, evaluation._block(n)) for _ in range(evaluation.FLOOR_DRAWS)]
+    assert evaluation.FLOOR_DRAWS >= 4 and len(set(draws)) == len(draws)
+    assert out["energy_distance_floor"] == pytest.approx(sum(draws) / len(draws), rel=1e-12)
+    # the pretrained model is far from the tilted target, the figure of the pretrained samples far above the floor
+    assert out["pretrained"]["energy_distance"] > 5 * out["energy_distance_floor"]

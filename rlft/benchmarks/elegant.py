@@ -34,6 +34,7 @@ from typing import Any
 
 SECTIONS = ("gmm", "ablation", "baselines", "memory", "digits")
 ALPHAS = (0.1, 0.3, 1.0)
+GMM_TASKS = ("2d", "8d", "2d_alt")
 MEMORY_STEPS = (50, 200, 1000)
 #: energy distances are computed on this many samples of the fine-tuned sampler and of the exact target
 EVAL_SAMPLES = 2000
@@ -47,6 +48,10 @@ def register(subparsers) -> None:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="which sections (default: all but digits)")
     p.add_argument("--digits", action="store_true", help="also run the digits LoRA section")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run, not the benchmark's numbers)")
+    p.add_argument("--tasks", nargs="+", choices=GMM_TASKS, default=list(GMM_TASKS), help="gmm section: which mixtures (default: all)")
+    p.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS), help=f"gmm section: which alphas (default: {' '.join(map(str, ALPHAS))})")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="gmm section: training seeds, one run each (default: each task's own seed); the table adds a summary over them")
     p.add_argument("--iterations", type=int, default=200, help="train_iteration() calls per run (default 200, the runner's default)")
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"samples per evaluation (default {EVAL_SAMPLES})")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")
@@ -138,16 +143,17 @@ F_TARGET_PROPOSALS = 200_000
 
 def f_target_figures(model, reward, alpha: float, divergence: str, x, seed: int) -> dict[str, Any]:
     """Mixture tasks with an f-divergence other than KL: the energy distance of x (n, D) to that divergence's exact
-    optimum p_f = (f')^{-1}((r - lambda)/alpha) p_data (TANG Prop. 4.1), beside the floor of two exact draws.
+    optimum p_f = (f')^{-1}((r - lambda)/alpha) p_data (TANG Prop. 4.1), beside the floor (the mean over FLOOR_DRAWS
+    other exact draws against the same reference, as `rlft.evaluation` does for the KL target).
 
     p_f is drawn by sampling-importance-resampling: 200k proposals from the data mixture, weights
     (f')^{-1}((r - lambda)/alpha) with lambda solved on those proposals (`rlft.divergences.solve_lambda`); each of
-    the two exact draws resamples its own proposals."""
+    the exact draws resamples its own proposals."""
     import torch
 
     from rlft import metrics
     from rlft.divergences import get_divergence, solve_lambda
-    from rlft.evaluation import _block
+    from rlft.evaluation import FLOOR_DRAWS, _block
 
     div = get_divergence(divergence)
     if x is None or div.name in ("kl", "reverse_kl") or not hasattr(model, "data"):
@@ -163,9 +169,10 @@ def f_target_figures(model, reward, alpha: float, divergence: str, x, seed: int)
         return proposals[torch.multinomial(w, n, replacement=True, generator=g)]
 
     n = x.shape[0]
-    target, other = draw(n), draw(n)
+    target = draw(n)
+    floors = [metrics.energy_distance(draw(n), target, _block(n)) for _ in range(FLOOR_DRAWS)]
     return {"f_divergence": div.name, "energy_distance_f": metrics.energy_distance(x.double(), target, _block(n)),
-            "energy_distance_f_floor": metrics.energy_distance(other, target, _block(n))}
+            "energy_distance_f_floor": sum(floors) / len(floors)}
 
 
 def mode_weights(model, reward, alpha: float, x) -> dict[str, Any]:
@@ -234,15 +241,37 @@ def run_jobs(jobs: list[tuple[dict, dict, str]], args) -> list[dict[str, Any]]:
     return done  # type: ignore[return-value]
 
 
-def gmm_jobs(budget: dict) -> list[tuple[dict, dict, str]]:
-    return [(gmm_task(name, alpha), {"type": "elegant", **budget}, f"{name} alpha={alpha}")
-            for name in ("2d", "8d", "2d_alt") for alpha in ALPHAS]
+def gmm_jobs(budget: dict, tasks=GMM_TASKS, alphas=ALPHAS, seeds: list[int] | None = None) -> list[tuple[dict, dict, str]]:
+    """One run per (task, alpha, seed); seeds None = each task's own seed (the label then carries no seed)."""
+    jobs = []
+    for name in tasks:
+        for alpha in alphas:
+            for seed in (seeds if seeds is not None else [None]):
+                task = gmm_task(name, alpha) if seed is None else {**gmm_task(name, alpha), "seed": seed}
+                label = f"{name} alpha={alpha}" + ("" if seed is None else f" seed={seed}")
+                jobs.append((task, {"type": "elegant", **budget}, label))
+    return jobs
 
 
-def finish_gmm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    for row, name in zip(rows, [n for n in ("2d", "8d", "2d_alt") for _ in ALPHAS]):
-        row["task"] = name
+def finish_gmm(rows: list[dict[str, Any]], jobs: list[tuple[dict, dict, str]]) -> list[dict[str, Any]]:
+    for row, (task, _, label) in zip(rows, jobs):
+        row["task"], row["seed"] = label.split()[0], task["seed"]
     return rows
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, alpha) over its seeds: the ED/floor ratios, their mean and max, and how many are <= 2."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["alpha"]), []).append(r)
+    out = []
+    for (task, alpha), rs in groups.items():
+        ratios = [r["energy_distance"] / r["energy_distance_floor"] for r in rs]
+        gaps = [r["gap_closure"] for r in rs]
+        out.append({"task": task, "alpha": alpha, "seeds": [r["seed"] for r in rs], "ratios": ratios,
+                    "ratio_mean": sum(ratios) / len(ratios), "ratio_max": max(ratios), "within_2x": sum(x <= 2 for x in ratios),
+                    "gap_min": min(gaps), "gap_mean": sum(gaps) / len(gaps)})
+    return out
 
 
 def ablation_jobs(budget: dict) -> list[tuple[dict, dict, str]]:
@@ -444,17 +473,23 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return format(v, ".3g" if abs(v) >= 1e5 else spec)  # a diverged baseline's KL runs to 1e18
 
 
-def print_tables(results: dict[str, Any], stream=sys.stderr) -> None:
-    w = stream.write
+def print_tables(results: dict[str, Any], stream=None) -> None:
+    w = (stream or sys.stderr).write  # looked up per call: a default bound at import outlives a replaced sys.stderr
     if results.get("gmm"):
         w("\nELEGANT (defaults) on the exact GMM bed\n")
-        w(f"{'task':7} {'alpha':>5} {'gap':>6} {'ED':>8} {'floor':>8} {'ED/fl':>6} {'modeTV':>6} {'reward':>8} {'KL':>7} {'J':>8} {'J*':>8} {'div':>6} {'wall s':>7} {'cpu s':>7}\n")
+        w(f"{'task':7} {'alpha':>5} {'seed':>4} {'gap':>6} {'ED':>8} {'floor':>8} {'ED/fl':>6} {'modeTV':>6} {'reward':>8} {'KL':>7} {'J':>8} {'J*':>8} {'div':>6} {'wall s':>7} {'cpu s':>7}\n")
         for r in results["gmm"]:
             ratio = r["energy_distance"] / r["energy_distance_floor"]
-            w(f"{r['task']:7} {r['alpha']:5.1f} {_fmt(r['gap_closure'], '.3f'):>6} {_fmt(r['energy_distance'], '.5f'):>8} "
+            w(f"{r['task']:7} {r['alpha']:5.1f} {r.get('seed', ''):>4} {_fmt(r['gap_closure'], '.3f'):>6} {_fmt(r['energy_distance'], '.5f'):>8} "
               f"{_fmt(r['energy_distance_floor'], '.5f'):>8} {_fmt(ratio, '.2f'):>6} {_fmt(r.get('mode_tv'), '.3f'):>6} {_fmt(r['reward']):>8} {_fmt(r['kl']):>7} "
               f"{_fmt(r['objective']):>8} {_fmt(r['optimal_objective']):>8} {_fmt(r['diversity'], '.3f'):>6} "
               f"{_fmt(r['wall_s'], '.0f'):>7} {_fmt(r['cpu_s'], '.0f'):>7}\n")
+    if results.get("gmm_seeds"):
+        w("\nOver training seeds: ED/floor per seed (<= 2 is the bench's goal at alpha = 1)\n")
+        for r in results["gmm_seeds"]:
+            per = " ".join(f"{s}:{x:.2f}" for s, x in zip(r["seeds"], r["ratios"]))
+            w(f"{r['task']:7} {r['alpha']:5.1f}  mean {r['ratio_mean']:.2f}  max {r['ratio_max']:.2f}  "
+              f"<= 2: {r['within_2x']}/{len(r['ratios'])}  gap min {r['gap_min']:.3f}  [{per}]\n")
     if results.get("ablation"):
         w("\nAblation: learning nu where nu* != nu_ini (beta_max = 1, alpha = 1)\n")
         w(f"{'learn_init':10} {'J':>8} {'J*':>8} {'gap':>6} {'init KL':>8} {'path KL':>8} {'reward':>8} {'ED':>8} {'floor':>8}\n")
@@ -539,6 +574,8 @@ def run(args) -> int:
     sections = list(args.sections or [s for s in SECTIONS if s != "digits"])
     if args.digits and "digits" not in sections:
         sections.append("digits")
+    if "gmm" in sections and not (args.tasks and args.alphas and all(a > 0 for a in args.alphas)):
+        raise ConfigError("--tasks and --alphas need at least one value each, and every alpha must be > 0")
     budget: dict[str, Any] = {}
     if args.quick:
         args.iterations = min(args.iterations, 6)
@@ -549,7 +586,7 @@ def run(args) -> int:
     # the training sections go through one pool, so --jobs N keeps N workers busy across sections
     jobs: list[tuple[dict, dict, str]] = []
     parts: dict[str, slice] = {}
-    for name, make in (("gmm", lambda: gmm_jobs(budget)), ("ablation", lambda: ablation_jobs(budget)),
+    for name, make in (("gmm", lambda: gmm_jobs(budget, args.tasks, args.alphas, args.seeds)), ("ablation", lambda: ablation_jobs(budget)),
                        ("baselines", lambda: baseline_jobs(budget, reuse="gmm" in sections))):
         if name in sections:
             new = make()
@@ -557,15 +594,18 @@ def run(args) -> int:
             jobs += new
     rows = run_jobs(jobs, args)
     if "gmm" in parts:
-        results["gmm"] = finish_gmm(rows[parts["gmm"]])
+        results["gmm"] = finish_gmm(rows[parts["gmm"]], jobs[parts["gmm"]])
     if "ablation" in parts:
         results["ablation"] = finish_ablation(rows[parts["ablation"]])
     if "baselines" in parts:
-        reuse = next((r for r in results.get("gmm", []) if r["task"] == "2d" and r["alpha"] == 1.0), None)
+        default_seed = gmm_task("2d", 1.0)["seed"]
+        reuse = next((r for r in results.get("gmm", []) if r["task"] == "2d" and r["alpha"] == 1.0 and r["seed"] == default_seed), None)
         results["baselines"] = finish_baselines(rows[parts["baselines"]], reuse)
     failures = [r for name in parts for r in results[name] if "error" in r]
     for name in parts:
         results[name] = [r for r in results[name] if "error" not in r]
+    if args.seeds is not None and results.get("gmm"):
+        results["gmm_seeds"] = seed_summary(results["gmm"])
     if failures:
         results["failures"] = failures
         for r in failures:

@@ -54,6 +54,24 @@ def test_setup_fits_value_and_initial_control_and_counts_reward_queries():
     assert x0.shape == (5, 2) and kl.shape == (5,) and (kl >= 0).all()
 
 
+def test_iteration_reports_the_mean_and_the_largest_gradient_norm():
+    learner = make({"type": "elegant", **TINY, "drift_iterations_per_train_iteration": 4})
+    norms = []
+    update = learner._drift_update
+
+    def recorded():
+        out = update()
+        norms.append(out["grad_norm"])
+        return out
+
+    learner._drift_update = recorded
+    learner.train_iteration()
+    metrics = learner.train_iteration()
+    last = norms[-4:]
+    assert len(norms) == 8 and len(set(last)) == 4
+    assert metrics["grad_norm"] == pytest.approx(sum(last) / 4) and metrics["grad_norm_max"] == max(last)
+
+
 def test_one_step_increases_the_objective():
     """A trivial task (linear reward): one Adam step along the exact gradient raises J (common random numbers)."""
     learner = make({"type": "elegant", **TINY, "learn_init": False, "batch_size": 512, "lr": 1e-2},
@@ -270,3 +288,51 @@ def test_default_elegant_closes_the_gap_on_the_2d_mixture():
     row = train_run(gmm_task("2d", 1.0), {"type": "elegant"}, 200, 2000, False, "2d")
     assert row["gap_closure"] >= 0.9
     assert row["energy_distance"] <= 2 * row["energy_distance_floor"]
+
+
+def test_bench_gmm_runs_each_seed_and_summarises_them(tmp_path):
+    """--tasks/--alphas/--seeds: one row per seed with that seed, and a summary whose ratios are the rows' ED/floor."""
+    import json
+
+    from rlft.cli import main
+
+    args = ["bench", "elegant", "--quick", "--sections", "gmm", "--tasks", "2d", "--alphas", "1", "--seeds", "5", "6",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = res["gmm"]
+    assert [(r["task"], r["alpha"], r["seed"]) for r in rows] == [("2d", 1.0, 5), ("2d", 1.0, 6)]
+    assert rows[0]["energy_distance"] != rows[1]["energy_distance"]  # the seed reached the training and the evaluation
+    (summary,) = res["gmm_seeds"]
+    ratios = [r["energy_distance"] / r["energy_distance_floor"] for r in rows]
+    assert summary["seeds"] == [5, 6] and summary["ratios"] == pytest.approx(ratios)
+    assert summary["ratio_max"] == pytest.approx(max(ratios)) and summary["within_2x"] == sum(x <= 2 for x in ratios)
+    assert summary["gap_min"] == pytest.approx(min(r["gap_closure"] for r in rows))
+
+
+def test_bench_gmm_refuses_a_non_positive_alpha(tmp_path, capsys):
+    from rlft.cli import main
+
+    assert main(["bench", "elegant", "--quick", "--sections", "gmm", "--alphas", "0", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "every alpha must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_f_target_floor_matches_an_exact_sampler_and_flags_the_kl_target():
+    """The chi2 optimum's figures: an independent exact draw scores near the (mean) floor; the KL target does not."""
+    from rlft.benchmarks.elegant import F_TARGET_PROPOSALS, f_target_figures
+    from rlft.divergences import get_divergence, solve_lambda
+
+    learner = make(alpha=1.0, reward={"type": "quadratic", "center": [1.5, 1.5], "scale": 2.0})
+    model, reward, div = learner.model, learner.reward, get_divergence("chi2")
+    g = torch.Generator().manual_seed(99)
+    proposals = model.data.sample(F_TARGET_PROPOSALS, g)
+    r = reward(proposals).double()
+    w = div.f_prime_inv((r - solve_lambda(r, 1.0, div)) / 1.0).clamp_min(0.0)
+    exact = proposals[torch.multinomial(w, 2000, replacement=True, generator=g)]
+    kl_target = model.exact_target(reward, 1.0).mixture.sample(2000, g)
+    same = f_target_figures(model, reward, 1.0, "chi2", exact, seed=5)
+    other = f_target_figures(model, reward, 1.0, "chi2", kl_target, seed=5)
+    assert same["energy_distance_f_floor"] == other["energy_distance_f_floor"] > 0  # the floor does not depend on x
+    assert 0.5 < same["energy_distance_f"] / same["energy_distance_f_floor"] < 2.0
+    assert other["energy_distance_f"] > 5 * other["energy_distance_f_floor"]
