@@ -33,6 +33,10 @@ Learners without the KL term default to a smaller step (lr 1e-3) and gradient cl
 r_f = log (f')^{-1}((r - lambda)/alpha) (rlft.divergences) with lambda solved on pretrained samples, and the
 KL machinery runs with alpha = 1 (TANG Cor. 4.4).
 
+Reward gradient: back-propagated through the chain (pathwise); with `pathwise_weight` w < 1 the reward part is
+w x pathwise + (1 - w) x likelihood-ratio, E[(r - mean r) grad_theta log p_theta(path)] with log p_theta the
+Gaussian transitions' log density at the detached states (`path_log_prob`); both are unbiased for the same gradient.
+
 Memory: with `checkpointing: true` the chain is cut into windows of `segment_steps` steps and each window is
 recomputed in the backward pass (torch.utils.checkpoint); the noise of a window is drawn from its own seed, so
 the recomputation sees the same noise and the gradients equal plain back-propagation's.
@@ -148,6 +152,16 @@ class ElegantOptions:
     """Clip the drift gradient's norm to this value (0 = no clipping); None = 0 with the KL term, 1 without it."""
     lora_rank: int = 4
     """Rank of the LoRA adapter (diffusers models only)."""
+    pathwise_weight: float = 1.0
+    """Weight w of the pathwise (back-propagated) reward gradient; the rest, 1 - w, is the likelihood-ratio
+    estimator E[(r - mean r) grad log p_theta(path)] of the same gradient (the KL term stays pathwise).
+
+    The pathwise gradient of the mass in each mode is carried by the few trajectories that cross between modes,
+    as rare updates with 10-70x the median gradient norm; the likelihood-ratio term gives every trajectory a
+    say. Measured (one seed each, alpha = 1): w = 0.5 took the 8-D bench task at seed 5 from gap closure 0.755
+    and ED 12.8x the floor to 0.948 and 3.73x, and the 2-D task at seed 0 from 2.82x to 1.13x, at 1.6-1.9x the
+    time per update (a second pass of the control over the detached states). Not the default until measured
+    on more seeds; elegant and no_kl only (gradients through every step)."""
 
 
 class _Window(DiffusionModel):
@@ -216,6 +230,7 @@ class ElegantLearner(Learner):
         divergence: str = "kl",
         max_grad_norm: float | None = None,
         lora_rank: int = 4,
+        pathwise_weight: float = 1.0,
     ) -> None:
         super().__init__(task, model, reward)
         args = locals()
@@ -291,6 +306,10 @@ class ElegantLearner(Learner):
         for name in ("init_iterations", "value_iterations", "segment_steps"):
             if getattr(o, name) < 0:
                 raise ConfigError(f"learner.{name} must be an integer >= 0 (got {getattr(o, name)})")
+        if not 0.0 <= o.pathwise_weight <= 1.0:
+            raise ConfigError(f"learner.pathwise_weight must be in [0, 1] (got {o.pathwise_weight}); 1 = pure back-propagation")
+        if o.pathwise_weight < 1.0 and kind in ("truncation", "random_k"):
+            raise ConfigError(f"learner.pathwise_weight < 1 is for types elegant and no_kl (type {kind!r} cuts the path's gradient); leave it at 1")
         if o.max_grad_norm < 0:
             raise ConfigError(f"learner.max_grad_norm must be >= 0 (got {o.max_grad_norm}); 0 turns clipping off")
         if o.network not in NETWORK_KINDS:
@@ -421,15 +440,17 @@ class ElegantLearner(Learner):
         cuts = sorted(set(range(0, K, seg)) | {grad_start})  # window starts, all < K
         return list(zip(cuts, cuts[1:] + [K]))
 
-    def _window(self, start: int, stop: int, x: torch.Tensor, seed: int, cond: torch.Tensor | None):
+    def _window(self, start: int, stop: int, x: torch.Tensor, seed: int, cond: torch.Tensor | None, keep_path: bool = False):
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         control = self._control
-        out = rollout(_Window(self.model, start, stop), x, lambda k, y, c: control(start + k, y, c), cond, gen)
+        out = rollout(_Window(self.model, start, stop), x, lambda k, y, c: control(start + k, y, c), cond, gen, keep_path=keep_path)
+        if keep_path:
+            return out.x, out.step_kl.sum(1), out.path.detach()[:, :-1]  # states x_start .. x_{stop-1}
         return out.x, out.step_kl.sum(1)
 
     def drift_rollout(
-        self, x0: torch.Tensor, seeds: list[int], grad_start: int = 0, cond: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x0: torch.Tensor, seeds: list[int], grad_start: int = 0, cond: torch.Tensor | None = None, keep_path: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """The controlled chain from x0, window by window, differentiable from step `grad_start` on.
 
         Args:
@@ -437,20 +458,39 @@ class ElegantLearner(Learner):
             seeds: one noise seed per window of `windows(grad_start)`.
             grad_start: steps before it run without gradients (truncation, random_k).
             cond: conditioning (B, *cond_shape) or None.
+            keep_path: also return the detached states x_0 .. x_K (B, K+1, *event).
         Returns:
-            (x_K (B, *event), path KL sum_k KL_k (B,)).
+            (x_K (B, *event), path KL sum_k KL_k (B,)) and, with keep_path, the states.
         """
         x, kl = x0, x0.new_zeros(x0.shape[0])
+        states = []
         for (a, b), seed in zip(self.windows(grad_start), seeds):
             if b <= grad_start:
                 with torch.no_grad():
-                    x, step = self._window(a, b, x, seed, cond)
+                    out = self._window(a, b, x, seed, cond, keep_path)
             elif self.options.checkpointing and torch.is_grad_enabled():
-                x, step = _checkpoint(self._window, a, b, x, seed, cond, use_reentrant=False)
+                out = _checkpoint(self._window, a, b, x, seed, cond, keep_path, use_reentrant=False)
             else:
-                x, step = self._window(a, b, x, seed, cond)
+                out = self._window(a, b, x, seed, cond, keep_path)
+            x, step = out[0], out[1]
             kl = kl + step
+            if keep_path:
+                states.append(out[2])
+        if keep_path:
+            return x, kl, torch.cat(states + [x.detach().unsqueeze(1)], dim=1)
         return x, kl
+
+    def path_log_prob(self, path: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """log p_theta of given (detached) paths under the controlled chain, up to a constant, differentiable in the
+        control only: sum_k -|x_{k+1} - m_k(x_k) - delta_k(x_k)|^2 / (2 s_k^2).  path: (B, K+1, *event) -> (B,)."""
+        logp = path.new_zeros(path.shape[0])
+        for k in range(self.model.num_steps):
+            x, nxt = path[:, k], path[:, k + 1]
+            with torch.no_grad():
+                mean = self.model.mean(k, x, cond)
+            residual = nxt - mean - self._control(k, x, cond)
+            logp = logp - residual.pow(2).flatten(1).sum(1) / (2.0 * self.model.std(k) ** 2)
+        return logp
 
     def _initial_states(self, n: int, gen: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
@@ -458,15 +498,29 @@ class ElegantLearner(Learner):
             return init.init_sample(n, gen)[0] if init is not None else self.model.prior_sample(n, gen)
 
     def drift_objective(self, n: int, grad_start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One Monte-Carlo batch of eq. 11: (J_train scalar, r (n,), path KL (n,)), differentiable."""
+        """One Monte-Carlo batch of eq. 11: (surrogate scalar, r (n,), path KL (n,)), differentiable.
+
+        The surrogate's value is J_train = mean r - alpha mean KL; its gradient is J_train's, with the reward part
+        mixed from the pathwise and the likelihood-ratio estimators when `pathwise_weight` < 1 (the added term
+        is zero-valued: (r - mean r) times log p, centred, contributes its gradient only)."""
         gen = self._device_generator()
         x0 = self._initial_states(n, gen)
         windows = self.windows(grad_start)
         seeds = [int(s) for s in torch.randint(0, 2**62, (len(windows),), generator=self._rng)]
-        x, kl = self.drift_rollout(x0, seeds, grad_start)
+        w = self.options.pathwise_weight
+        if w < 1.0:
+            x, kl, path = self.drift_rollout(x0, seeds, grad_start, keep_path=True)
+        else:
+            x, kl = self.drift_rollout(x0, seeds, grad_start)
         r = evaluate(self.train_reward, x)
         self.reward_queries += n
-        return r.mean() - self.train_alpha * kl.mean(), r, kl
+        reward_term = r.mean()
+        if w < 1.0:
+            advantage = (r - r.mean()).detach()
+            logp = self.path_log_prob(path)
+            score_term = (advantage * (logp - logp.detach())).mean()  # value 0, gradient E[(r - mean r) grad log p]
+            reward_term = r.mean().detach() + w * (r.mean() - r.mean().detach()) + (1.0 - w) * score_term
+        return reward_term - self.train_alpha * kl.mean(), r, kl
 
     def _drift_update(self) -> dict[str, float]:
         o = self.options
