@@ -501,8 +501,8 @@ class ElegantLearner(Learner):
         """One Monte-Carlo batch of eq. 11: (surrogate scalar, r (n,), path KL (n,)), differentiable.
 
         The surrogate's value is J_train = mean r - alpha mean KL; its gradient is J_train's, with the reward part
-        mixed from the pathwise and the likelihood-ratio estimators when `pathwise_weight` < 1 (the added term
-        is zero-valued: (r - mean r) times log p, centred, contributes its gradient only)."""
+        mixed from the pathwise and the likelihood-ratio estimators when `pathwise_weight` < 1 (the added terms
+        are built from x - x.detach(), which is zero, so they change the gradient and not the value)."""
         gen = self._device_generator()
         x0 = self._initial_states(n, gen)
         windows = self.windows(grad_start)
