@@ -483,14 +483,17 @@ class ElegantLearner(Learner):
     def path_log_prob(self, path: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """log p_theta of given (detached) paths under the controlled chain, up to a constant, differentiable in the
         control only: sum_k -|x_{k+1} - m_k(x_k) - delta_k(x_k)|^2 / (2 s_k^2).  path: (B, K+1, *event) -> (B,)."""
-        logp = path.new_zeros(path.shape[0])
-        for k in range(self.model.num_steps):
-            x, nxt = path[:, k], path[:, k + 1]
-            with torch.no_grad():
-                mean = self.model.mean(k, x, cond)
-            residual = nxt - mean - self._control(k, x, cond)
-            logp = logp - residual.pow(2).flatten(1).sum(1) / (2.0 * self.model.std(k) ** 2)
-        return logp
+        K = self.model.num_steps
+        with torch.no_grad():
+            means = torch.stack([self.model.mean(k, path[:, k], cond) for k in range(K)], dim=1)  # (B, K, *event)
+        if isinstance(self._control, NetworkControl) and cond is None:
+            # one network call for all steps: time per update at w = 0.5 vs w = 1, 2-D 2.04x -> 1.55-1.74x, 8-D 1.93x -> 1.84-1.98x
+            deltas = self._control.all_steps(path[:, :K])
+        else:
+            deltas = torch.stack([self._control(k, path[:, k], cond) for k in range(K)], dim=1)
+        var = torch.tensor([self.model.std(k) ** 2 for k in range(K)], dtype=path.dtype, device=path.device)  # (K,)
+        residual = (path[:, 1:] - means - deltas).pow(2).flatten(2).sum(2)  # (B, K)
+        return -(residual / (2.0 * var)).sum(1)
 
     def _initial_states(self, n: int, gen: torch.Generator) -> torch.Tensor:
         with torch.no_grad():

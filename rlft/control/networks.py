@@ -186,6 +186,17 @@ class NetworkControl:
     def __call__(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.scales[k] * self.net(self._t[k], x, cond)
 
+    def all_steps(self, states: torch.Tensor) -> torch.Tensor:
+        """delta_k(x_k) for every step at once, in one call of the network (unconditional).
+
+        states: (B, K, *event), row k at level k -> (B, K, *event), equal to stacking self(k, states[:, k])."""
+        b, k = states.shape[:2]
+        like = dict(dtype=states.dtype, device=states.device)
+        t = torch.tensor(self._t, **like).repeat(b)  # (B K,): row i is step i % K
+        c = torch.tensor(self.scales, **like).repeat(b).reshape(-1, *([1] * (states.dim() - 2)))  # (B K, 1, ...)
+        out = self.net(t, states.reshape(b * k, *states.shape[2:]), None) * c
+        return out.reshape(states.shape)
+
 
 def score_coefficient(model: DiffusionModel, k: int) -> float:
     """c_k = beta_k / sqrt(1 - beta_k) from the forward kernel (scale, std) = (sqrt(1 - beta_k), sqrt(beta_k))."""

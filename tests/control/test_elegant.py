@@ -368,3 +368,18 @@ def test_f_target_floor_matches_an_exact_sampler_and_flags_the_kl_target():
     assert same["energy_distance_f_floor"] == other["energy_distance_f_floor"] > 0  # the floor does not depend on x
     assert 0.5 < same["energy_distance_f"] / same["energy_distance_f_floor"] < 2.0
     assert other["energy_distance_f"] > 5 * other["energy_distance_f_floor"]
+
+
+def test_path_log_prob_in_one_network_call_equals_the_step_loop():
+    lrn = make({"type": "elegant", **TINY, "learn_init": False})
+    with torch.no_grad():
+        for p in lrn.drift_net.parameters():
+            p.normal_(0, 0.3)  # a non-zero control
+    x0 = lrn.model.prior_sample(7, torch.Generator().manual_seed(1))
+    _, _, path = lrn.drift_rollout(x0, [5] * len(lrn.windows()), keep_path=True)
+    naive = torch.zeros(7, dtype=path.dtype)
+    for k in range(lrn.model.num_steps):
+        resid = path[:, k + 1] - lrn.model.mean(k, path[:, k]) - lrn.control()(k, path[:, k])
+        naive -= resid.pow(2).sum(1) / (2 * lrn.model.std(k) ** 2)
+    assert path.shape == (7, lrn.model.num_steps + 1, 2)
+    assert torch.allclose(lrn.path_log_prob(path), naive, rtol=1e-10, atol=1e-10)
