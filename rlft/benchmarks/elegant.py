@@ -241,22 +241,25 @@ def run_jobs(jobs: list[tuple[dict, dict, str]], args) -> list[dict[str, Any]]:
     return done  # type: ignore[return-value]
 
 
-def gmm_jobs(budget: dict, tasks=GMM_TASKS, alphas=ALPHAS, seeds: list[int] | None = None) -> list[tuple[dict, dict, str]]:
-    """One run per (task, alpha, seed); seeds None = each task's own seed (the label then carries no seed)."""
-    jobs = []
-    for name in tasks:
-        for alpha in alphas:
-            for seed in (seeds if seeds is not None else [None]):
-                task = gmm_task(name, alpha) if seed is None else {**gmm_task(name, alpha), "seed": seed}
-                label = f"{name} alpha={alpha}" + ("" if seed is None else f" seed={seed}")
-                jobs.append((task, {"type": "elegant", **budget}, label))
-    return jobs
+def gmm_cells(tasks=GMM_TASKS, alphas=ALPHAS, seeds: list[int] | None = None) -> list[tuple[str, float, int]]:
+    """(task name, alpha, training seed) of every gmm run; seeds None = each task's own seed."""
+    return [(name, float(alpha), seed if seed is not None else gmm_task(name, alpha)["seed"])
+            for name in tasks for alpha in alphas for seed in (seeds if seeds is not None else [None])]
 
 
-def finish_gmm(rows: list[dict[str, Any]], jobs: list[tuple[dict, dict, str]]) -> list[dict[str, Any]]:
-    for row, (task, _, label) in zip(rows, jobs):
-        row["task"], row["seed"] = label.split()[0], task["seed"]
+def gmm_jobs(budget: dict, cells: list[tuple[str, float, int]]) -> list[tuple[dict, dict, str]]:
+    return [({**gmm_task(name, alpha), "seed": seed}, {"type": "elegant", **budget}, f"{name} alpha={alpha} seed={seed}")
+            for name, alpha, seed in cells]
+
+
+def finish_gmm(rows: list[dict[str, Any]], cells: list[tuple[str, float, int]]) -> list[dict[str, Any]]:
+    for row, (name, _, seed) in zip(rows, cells):
+        row["task"], row["seed"] = name, seed
     return rows
+
+
+#: the gmm cell whose run is also the baselines table's ELEGANT row (the baselines' task at its own seed)
+BASELINE_CELL = ("2d", 1.0, gmm_task("2d", 1.0)["seed"])
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -586,21 +589,21 @@ def run(args) -> int:
     # the training sections go through one pool, so --jobs N keeps N workers busy across sections
     jobs: list[tuple[dict, dict, str]] = []
     parts: dict[str, slice] = {}
-    for name, make in (("gmm", lambda: gmm_jobs(budget, args.tasks, args.alphas, args.seeds)), ("ablation", lambda: ablation_jobs(budget)),
-                       ("baselines", lambda: baseline_jobs(budget, reuse="gmm" in sections))):
+    cells = gmm_cells(args.tasks, args.alphas, args.seeds) if "gmm" in sections else []
+    reuse = BASELINE_CELL in cells  # the baselines' ELEGANT row comes from the gmm section only if it runs that cell
+    for name, make in (("gmm", lambda: gmm_jobs(budget, cells)), ("ablation", lambda: ablation_jobs(budget)),
+                       ("baselines", lambda: baseline_jobs(budget, reuse))):
         if name in sections:
             new = make()
             parts[name] = slice(len(jobs), len(jobs) + len(new))
             jobs += new
     rows = run_jobs(jobs, args)
     if "gmm" in parts:
-        results["gmm"] = finish_gmm(rows[parts["gmm"]], jobs[parts["gmm"]])
+        results["gmm"] = finish_gmm(rows[parts["gmm"]], cells)
     if "ablation" in parts:
         results["ablation"] = finish_ablation(rows[parts["ablation"]])
     if "baselines" in parts:
-        default_seed = gmm_task("2d", 1.0)["seed"]
-        reuse = next((r for r in results.get("gmm", []) if r["task"] == "2d" and r["alpha"] == 1.0 and r["seed"] == default_seed), None)
-        results["baselines"] = finish_baselines(rows[parts["baselines"]], reuse)
+        results["baselines"] = finish_baselines(rows[parts["baselines"]], results["gmm"][cells.index(BASELINE_CELL)] if reuse else None)
     failures = [r for name in parts for r in results[name] if "error" in r]
     for name in parts:
         results[name] = [r for r in results[name] if "error" not in r]

@@ -383,3 +383,35 @@ def test_path_log_prob_in_one_network_call_equals_the_step_loop():
         naive -= resid.pow(2).sum(1) / (2 * lrn.model.std(k) ** 2)
     assert path.shape == (7, lrn.model.num_steps + 1, 2)
     assert torch.allclose(lrn.path_log_prob(path), naive, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gmm_args, reused", [
+    (["--tasks", "2d", "--alphas", "1"], True),  # the baselines' ELEGANT row is the gmm section's run of that cell
+    (["--tasks", "8d", "--alphas", "1"], False),  # no such cell: ELEGANT is trained with the baselines
+    (["--tasks", "2d", "--alphas", "1", "--seeds", "5"], False),  # another seed is another run, not the baseline's
+])
+def test_bench_baselines_rows_keep_their_labels_whatever_gmm_cells_run(tmp_path, monkeypatch, gmm_args, reused):
+    """Wiring only (training replaced by echo rows): each baselines row is the run of the learner its label names."""
+    from rlft.benchmarks import elegant as bench
+    from rlft.cli import main
+
+    submitted = []
+
+    def echo(jobs, args):
+        submitted.extend(label for _, _, label in jobs)
+        return [{"label": label, "learner": learner, "seed": task["seed"], "alpha": task["alpha"], "energy_distance": 1.0,
+                 "energy_distance_floor": 1.0, "gap_closure": 1.0} for task, learner, label in jobs]
+
+    monkeypatch.setattr(bench, "run_jobs", echo)
+    monkeypatch.setattr(bench, "make_plots", lambda results, out: {})
+    monkeypatch.setattr(bench, "print_tables", lambda results: None)
+    assert main(["bench", "elegant", "--sections", "gmm", "baselines", *gmm_args, "--out", str(tmp_path), "--no-progress"]) == 0
+    import json
+
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = res["baselines"]
+    assert [r["label"] for r in rows] == [label for label, _ in bench.BASELINES]
+    assert [r["learner"] for r in rows] == [learner for _, learner in bench.BASELINES]
+    assert all(r["seed"] == bench.BASELINE_CELL[2] for r in rows)
+    assert (rows[0]["task"], rows[0]["alpha"]) == ("2d", 1.0)
+    assert ("elegant" in submitted) == (not reused)  # trained once: by the gmm section or with the baselines
