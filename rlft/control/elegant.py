@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -64,6 +63,7 @@ from rlft.config import ConfigError, TaskConfig
 from rlft.control.initial import InitialControl
 from rlft.control.networks import NETWORK_KINDS, NetworkControl, build_control_net
 from rlft.control.value import ValueNet, fit_value, value_dataset
+from rlft.files import atomic_path
 from rlft.learners import Learner, register_learner
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward, evaluate
@@ -504,8 +504,8 @@ class ElegantLearner(Learner):
         """One Monte-Carlo batch of eq. 11: (surrogate scalar, r (n,), path KL (n,)), differentiable.
 
         The surrogate's value is J_train = mean r - alpha mean KL; its gradient is J_train's, with the reward part
-        mixed from the pathwise and the likelihood-ratio estimators when `pathwise_weight` < 1 (the added terms
-        are built from x - x.detach(), which is zero, so they change the gradient and not the value)."""
+        mixed from the pathwise and the likelihood-ratio estimators when `pathwise_weight` < 1 (the likelihood-ratio
+        term is built from log p - (log p).detach(), which is zero, so it changes the gradient and not the value)."""
         gen = self._device_generator()
         x0 = self._initial_states(n, gen)
         windows = self.windows(grad_start)
@@ -522,7 +522,7 @@ class ElegantLearner(Learner):
             advantage = (r - r.mean()).detach()
             logp = self.path_log_prob(path)
             score_term = (advantage * (logp - logp.detach())).mean()  # value 0, gradient E[(r - mean r) grad log p]
-            reward_term = r.mean().detach() + w * (r.mean() - r.mean().detach()) + (1.0 - w) * score_term
+            reward_term = w * r.mean() + (1.0 - w) * (r.mean().detach() + score_term)
         return reward_term - self.train_alpha * kl.mean(), r, kl
 
     def _drift_update(self) -> dict[str, float]:
@@ -569,7 +569,8 @@ class ElegantLearner(Learner):
             "setup_done": self.setup_done, "lambda": self.lambda_, "drift_param_groups": groups,
             "task": dataclasses.asdict(self.task),
         }
-        _atomic_text(out / STATE_FILE, json.dumps(state, indent=2, default=str))
+        with atomic_path(out / STATE_FILE) as tmp:
+            tmp.write_text(json.dumps(state, indent=2, default=str))
 
     def load_checkpoint(self, directory: str) -> None:
         """Restores what `save_checkpoint` wrote: the same sampler, counters, optimiser and RNG state."""
@@ -642,21 +643,14 @@ register_learner("elegant")(ElegantLearner)
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(data, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata={"format": FORMAT})
 
 
 def _load(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} is missing")
     return {k: v.to(device) for k, v in load_file(str(path)).items()}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], list[dict]]:

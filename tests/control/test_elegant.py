@@ -415,3 +415,22 @@ def test_bench_baselines_rows_keep_their_labels_whatever_gmm_cells_run(tmp_path,
     assert all(r["seed"] == bench.BASELINE_CELL[2] for r in rows)
     assert (rows[0]["task"], rows[0]["alpha"]) == ("2d", 1.0)
     assert ("elegant" in submitted) == (not reused)  # trained once: by the gmm section or with the baselines
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import rlft.control.elegant as module
+
+    learner = make()
+    learner.train_iteration()
+    learner.save_checkpoint(str(tmp_path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert not any(name.startswith(".") for name in before)
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        learner.save_checkpoint(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # the previous checkpoint stays, no temporaries
