@@ -237,6 +237,7 @@ def learner_spec(name: str, budget: Budget, divergence: str) -> dict[str, Any]:
         "type": _LEARNER_TYPES[name], "batch_size": budget.batch_size, "drift_iterations": budget.updates,
         "drift_iterations_per_train_iteration": 1,
         "max_grad_norm": budget.max_grad_norm,
+        "pathwise_weight": 1.0,  # every figure of this bench was measured with the back-propagated gradient alone
     }
     lr = budget.lr_no_kl if name in ("no_kl", "truncation", "random_k") else budget.lr
     spec.update(lr=lr, lr_final=lr / 10)

@@ -15,8 +15,8 @@ init=learner.init_dist())`.
 `train_iteration()` semantics: the first call runs steps 1 and 2 (when the initial law is learned) and then
 `drift_iterations_per_train_iteration` Adam updates of step 3; every later call runs only that many drift
 updates. The drift learning rate follows a cosine from `lr` to `lr_final` over `drift_iterations` updates and
-stays at `lr_final` afterwards. The defaults (2000 drift updates = 200 calls of 10) are what the runner's
-default `run.iterations: 200` performs.
+stays at `lr_final` afterwards. The defaults (1200 drift updates = 200 calls of 6 for elegant; 2000 = 200 calls
+of 10 for the baselines, whose updates cost less) are what the runner's default `run.iterations: 200` performs.
 
 Controls: for vector and sequence models a zero-initialised network g_theta with delta_k = c_k g_theta(t_k, x)
 (rlft.control.networks); for diffusers chains (`add_lora`) a peft LoRA adapter (only the adapter trains).
@@ -33,8 +33,8 @@ Learners without the KL term default to a smaller step (lr 1e-3) and gradient cl
 r_f = log (f')^{-1}((r - lambda)/alpha) (rlft.divergences) with lambda solved on pretrained samples, and the
 KL machinery runs with alpha = 1 (TANG Cor. 4.4).
 
-Reward gradient: back-propagated through the chain (pathwise); with `pathwise_weight` w < 1 the reward part is
-w x pathwise + (1 - w) x likelihood-ratio, E[(r - mean r) grad_theta log p_theta(path)] with log p_theta the
+Reward gradient: back-propagated through the chain (pathwise); with `pathwise_weight` w < 1 (elegant's default
+is 0.25) the reward part is w x pathwise + (1 - w) x likelihood-ratio, E[(r - mean r) grad_theta log p_theta(path)] with log p_theta the
 Gaussian transitions' log density at the detached states (`path_log_prob`); both are unbiased for the same gradient.
 
 Memory: with `checkpointing: true` the chain is cut into windows of `segment_steps` steps and each window is
@@ -89,6 +89,8 @@ LR = "lr"
 GRAD_NORM = "grad_norm"
 GRAD_NORM_MAX = "grad_norm_max"
 DRIFT_UPDATES = "drift_updates"
+#: pathwise_weight of type elegant with a network control (see ElegantOptions.pathwise_weight)
+DEFAULT_PATHWISE_WEIGHT = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +110,13 @@ class ElegantOptions:
     """Drift learning rate at the end of the schedule (and after it)."""
     batch_size: int = 512
     """Trajectories per drift update."""
-    drift_iterations: int = 2000
-    """Length of the learning-rate schedule, in drift updates (training may continue past it at lr_final)."""
-    drift_iterations_per_train_iteration: int = 10
-    """Drift updates per `train_iteration()` call."""
+    drift_iterations: int | None = None
+    """Length of the learning-rate schedule, in drift updates (training may continue past it at lr_final);
+    None = 1200 with pathwise_weight < 1, 2000 with 1 (an update with the likelihood-ratio pass costs 1.6-1.75x
+    as much, so both fit the same time)."""
+    drift_iterations_per_train_iteration: int | None = None
+    """Drift updates per `train_iteration()` call; None = drift_iterations / 200, so that the runner's default
+    `run.iterations: 200` runs the whole schedule (6 or 10 with the default drift_iterations)."""
     hidden: int = 64
     """Width of the control, initial-control and value networks."""
     depth: int = 3
@@ -152,16 +157,19 @@ class ElegantOptions:
     """Clip the drift gradient's norm to this value (0 = no clipping); None = 0 with the KL term, 1 without it."""
     lora_rank: int = 4
     """Rank of the LoRA adapter (diffusers models only)."""
-    pathwise_weight: float = 1.0
+    pathwise_weight: float | None = None
     """Weight w of the pathwise (back-propagated) reward gradient; the rest, 1 - w, is the likelihood-ratio
     estimator E[(r - mean r) grad log p_theta(path)] of the same gradient (the KL term stays pathwise).
+    None = 0.25 for type elegant with a network control; 1 for the baselines (pure back-propagation, as AlignProp
+    and DRaFT define them) and for LoRA adapters (there the second pass is a second UNet pass per step, unmeasured).
 
     The pathwise gradient of the mass in each mode is carried by the few trajectories that cross between modes,
-    as rare updates with 10-70x the median gradient norm; the likelihood-ratio term gives every trajectory a
-    say. Measured (one seed each, alpha = 1): w = 0.5 took the 8-D bench task at seed 5 from gap closure 0.755
-    and ED 12.8x the floor to 0.948 and 3.73x, and the 2-D task at seed 0 from 2.82x to 1.13x, at 1.6-1.9x the
-    time per update (a second pass of the control over the detached states). Not the default until measured
-    on more seeds; elegant and no_kl only (gradients through every step)."""
+    as rare updates with 10-70x the median gradient norm, which leave the mode masses see-sawing; every
+    trajectory contributes to the likelihood-ratio term. Measured (bench `train_run`, alpha = 1, one run each):
+    with w = 1 and 2000 updates the 2-D task at seed 0 ends at 2.82x the energy-distance floor and the 8-D task
+    at seed 5 at gap closure 0.755 and 12.8x; w = 0.5 with 1200 updates: 1.49x and 0.949 / 2.18x; w = 0.25 with
+    1200 updates: 1.30x and 0.938 / 1.31x, in the same time as w = 1 with 2000 (an update costs 1.6-1.75x).
+    elegant and no_kl only (gradients through every step)."""
 
 
 class _Window(DiffusionModel):
@@ -208,8 +216,8 @@ class ElegantLearner(Learner):
         lr: float | None = None,
         lr_final: float = 1e-4,
         batch_size: int = 512,
-        drift_iterations: int = 2000,
-        drift_iterations_per_train_iteration: int = 10,
+        drift_iterations: int | None = None,
+        drift_iterations_per_train_iteration: int | None = None,
         hidden: int = 64,
         depth: int = 3,
         time_frequencies: int = 8,
@@ -230,7 +238,7 @@ class ElegantLearner(Learner):
         divergence: str = "kl",
         max_grad_norm: float | None = None,
         lora_rank: int = 4,
-        pathwise_weight: float = 1.0,
+        pathwise_weight: float | None = None,
     ) -> None:
         super().__init__(task, model, reward)
         args = locals()
@@ -283,6 +291,12 @@ class ElegantLearner(Learner):
             o = dataclasses.replace(o, lr=5e-3 if o.kl_penalty else 1e-3)
         if o.max_grad_norm is None:
             o = dataclasses.replace(o, max_grad_norm=0.0 if o.kl_penalty else 1.0)
+        if o.pathwise_weight is None:
+            o = dataclasses.replace(o, pathwise_weight=1.0 if baseline or hasattr(self.model, "add_lora") else DEFAULT_PATHWISE_WEIGHT)
+        if o.drift_iterations is None:
+            o = dataclasses.replace(o, drift_iterations=1200 if o.pathwise_weight < 1.0 else 2000)
+        if o.drift_iterations_per_train_iteration is None:
+            o = dataclasses.replace(o, drift_iterations_per_train_iteration=max(1, o.drift_iterations // 200))
         if kind == "no_kl" and o.kl_penalty:
             raise ConfigError("learner.kl_penalty must be false for type no_kl (alpha = 0 in training); use type elegant for the KL term")
         if o.learn_init and not o.kl_penalty:
@@ -482,17 +496,30 @@ class ElegantLearner(Learner):
 
     def path_log_prob(self, path: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """log p_theta of given (detached) paths under the controlled chain, up to a constant, differentiable in the
-        control only: sum_k -|x_{k+1} - m_k(x_k) - delta_k(x_k)|^2 / (2 s_k^2).  path: (B, K+1, *event) -> (B,)."""
-        K = self.model.num_steps
+        control only: sum_k -|x_{k+1} - m_k(x_k) - delta_k(x_k)|^2 / (2 s_k^2).  path: (B, K+1, *event) -> (B,).
+
+        With `checkpointing`, window by window under torch.utils.checkpoint, so that this pass, like the rollout,
+        keeps one window's activations for the backward pass rather than all K steps'."""
+        if not (self.options.checkpointing and torch.is_grad_enabled()):
+            return self._steps_log_prob(path, 0, cond)
+        total = path.new_zeros(path.shape[0])
+        for a, b in self.windows():
+            total = total + _checkpoint(self._steps_log_prob, path[:, a:b + 1], a, cond, use_reentrant=False)
+        return total
+
+    def _steps_log_prob(self, path: torch.Tensor, start: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """The terms of `path_log_prob` for steps start .. start + n - 1 of states path (B, n+1, *event) -> (B,)."""
+        n = path.shape[1] - 1
+        steps = range(start, start + n)
         with torch.no_grad():
-            means = torch.stack([self.model.mean(k, path[:, k], cond) for k in range(K)], dim=1)  # (B, K, *event)
+            means = torch.stack([self.model.mean(k, path[:, j], cond) for j, k in enumerate(steps)], dim=1)  # (B, n, *event)
         if isinstance(self._control, NetworkControl) and cond is None:
             # one network call for all steps: time per update at w = 0.5 vs w = 1, 2-D 2.04x -> 1.55-1.74x, 8-D 1.93x -> 1.84-1.98x
-            deltas = self._control.all_steps(path[:, :K])
+            deltas = self._control.all_steps(path[:, :n], start)
         else:
-            deltas = torch.stack([self._control(k, path[:, k], cond) for k in range(K)], dim=1)
-        var = torch.tensor([self.model.std(k) ** 2 for k in range(K)], dtype=path.dtype, device=path.device)  # (K,)
-        residual = (path[:, 1:] - means - deltas).pow(2).flatten(2).sum(2)  # (B, K)
+            deltas = torch.stack([self._control(k, path[:, j], cond) for j, k in enumerate(steps)], dim=1)
+        var = torch.tensor([self.model.std(k) ** 2 for k in steps], dtype=path.dtype, device=path.device)  # (n,)
+        residual = (path[:, 1:] - means - deltas).pow(2).flatten(2).sum(2)  # (B, n)
         return -(residual / (2.0 * var)).sum(1)
 
     def _initial_states(self, n: int, gen: torch.Generator) -> torch.Tensor:

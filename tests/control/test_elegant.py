@@ -89,7 +89,7 @@ def test_one_step_increases_the_objective():
 
 def test_kl_term_back_propagates_exactly_on_a_one_step_chain():
     """K = 1, g = constant bias theta: J = E[b.x_1] - alpha c^2 |theta|^2 / (2 s^2), so dJ/dtheta = c b - alpha c^2 theta / s^2."""
-    learner = make({"type": "elegant", **TINY, "learn_init": False, "batch_size": 8}, alpha=0.7, num_steps=1,
+    learner = make({"type": "elegant", **TINY, "learn_init": False, "batch_size": 8, "pathwise_weight": 1.0}, alpha=0.7, num_steps=1,
                    reward={"type": "linear", "direction": [1.0, -2.0]})
     net = learner.drift_net.net
     theta = torch.tensor([0.3, -0.8], dtype=torch.float64)
@@ -226,6 +226,56 @@ def test_pathwise_weight_mixes_the_two_gradients_linearly_also_with_checkpointin
     assert torch.allclose(g_half, 0.3 * g1 + 0.7 * g0, rtol=1e-9, atol=1e-12)
     plain, _ = _drift_grad(0.3, 256, 6)
     assert torch.allclose(plain, g_half, rtol=1e-9, atol=1e-12)  # windows recomputed in the backward pass: same result
+
+
+@pytest.mark.parametrize("learner, weight, updates, per_call", [
+    ({"type": "elegant"}, 0.25, 1200, 6),
+    ({"type": "elegant", "learn_init": False}, 0.25, 1200, 6),
+    ({"type": "elegant", "pathwise_weight": 1.0}, 1.0, 2000, 10),  # cheaper updates: more of them
+    ({"type": "elegant", "drift_iterations": 300}, 0.25, 300, 1),
+    ({"type": "no_kl"}, 1.0, 2000, 10),
+    ({"type": "truncation"}, 1.0, 2000, 10),
+    ({"type": "random_k"}, 1.0, 2000, 10),
+])
+def test_per_type_defaults_of_the_gradient_estimator_and_the_schedule(learner, weight, updates, per_call):
+    o = make(learner).options
+    assert (o.pathwise_weight, o.drift_iterations, o.drift_iterations_per_train_iteration) == (weight, updates, per_call)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while fn() runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_checkpointing_also_bounds_the_likelihood_ratio_pass():
+    """The second pass over the detached path keeps one window's activations, like the rollout, and gives the
+    same log-density and gradient as the pass over all steps at once."""
+    lrns = [make({"type": "elegant", **TINY, "learn_init": False, "checkpointing": c, "segment_steps": 5, "hidden": 64}, num_steps=40)
+            for c in (False, True)]
+    for lrn in lrns:
+        with torch.no_grad():
+            lrns[0].drift_net.net[-1].weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+        lrn.drift_net.load_state_dict(lrns[0].drift_net.state_dict())
+    _, _, path = lrns[0].drift_rollout(lrns[0].model.prior_sample(64, torch.Generator().manual_seed(1)), [5, 6, 7, 8, 9, 10, 11, 12], keep_path=True)
+    plain, windowed = (_saved_bytes(lambda lrn=lrn: lrn.path_log_prob(path)) for lrn in lrns)
+    assert windowed < plain / 4  # 8 windows of 5 steps; the stored paths are shared
+    grads, values = [], []
+    for lrn in lrns:
+        lrn.drift_opt.zero_grad()
+        logp = lrn.path_log_prob(path)
+        logp.sum().backward()
+        values.append(logp.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in lrn._drift_params]))
+    assert torch.allclose(values[0], values[1], rtol=1e-12) and torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
 def test_truncation_and_random_k_cut_the_gradient():
@@ -415,6 +465,28 @@ def test_bench_baselines_rows_keep_their_labels_whatever_gmm_cells_run(tmp_path,
     assert all(r["seed"] == bench.BASELINE_CELL[2] for r in rows)
     assert (rows[0]["task"], rows[0]["alpha"]) == ("2d", 1.0)
     assert ("elegant" in submitted) == (not reused)  # trained once: by the gmm section or with the baselines
+
+
+def test_bench_lists_a_failed_run_once_and_exits_nonzero(tmp_path, monkeypatch):
+    """The gmm section's 2-D alpha = 1 run doubles as the baselines' ELEGANT row: its failure is one failure."""
+    from rlft.benchmarks import elegant as bench
+    from rlft.cli import main
+
+    def echo(jobs, args):
+        return [{"label": label, "error": "boom"} if i == 0 else
+                {"label": label, "energy_distance": 1.0, "energy_distance_floor": 1.0, "gap_closure": 1.0}
+                for i, (task, learner, label) in enumerate(jobs)]
+
+    monkeypatch.setattr(bench, "run_jobs", echo)
+    monkeypatch.setattr(bench, "make_plots", lambda results, out: {})
+    monkeypatch.setattr(bench, "print_tables", lambda results: None)
+    args = ["bench", "elegant", "--sections", "gmm", "baselines", "--tasks", "2d", "--alphas", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 1
+    import json
+
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["label"] for r in res["failures"]] == ["2d alpha=1.0 seed=0"]
+    assert res["gmm"] == [] and [r["label"] for r in res["baselines"]] == [label for label, _ in bench.BASELINES][1:]
 
 
 def test_a_failed_checkpoint_write_leaves_no_temporary_files(tmp_path, monkeypatch):
