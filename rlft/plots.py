@@ -117,7 +117,8 @@ def sample_grid(path: str | os.PathLike, panels: Sequence[dict[str, Any]], title
         raise ValueError("sample_grid needs at least one panel")
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = _figure(3.2 * cols, 3.2 * rows)
+    fig = _figure(3.2 * cols, 3.4 * rows)
+    fig.set_layout_engine("constrained")  # room for two-line panel titles under the figure's title
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         _draw_clouds(ax, panel["finetuned"], panel.get("target"), panel.get("pretrained"), legend=i == 0)

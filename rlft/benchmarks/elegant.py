@@ -313,7 +313,13 @@ def finish_baselines(rows: list[dict[str, Any]], reuse: dict | None) -> list[dic
 
 
 def section_memory(args, quick: bool) -> list[dict[str, Any]]:
-    """Each setting in a fresh subprocess: ru_maxrss is a per-process high-water mark."""
+    """Each setting in a fresh subprocess: ru_maxrss is a per-process high-water mark.
+
+    glibc's malloc keeps freed blocks below its mmap threshold in the heap, so a pass that allocates and frees a
+    window at a time would read as its cumulative size: the probes run with MALLOC_MMAP_THRESHOLD_=65536 so the
+    mark follows the live tensors (measured at K = 1000 with checkpointing: 247 MB growth under the default
+    allocator, 20 MB with this setting; without checkpointing 875 MB and 862 MB)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows = []
     batch = 64 if quick else 256
     updates = 1 if quick else 3
@@ -323,7 +329,7 @@ def section_memory(args, quick: bool) -> list[dict[str, Any]]:
                 "import json; from rlft.benchmarks.elegant import memory_probe as m; "
                 f"print(json.dumps(m({K}, {ckpt}, {batch}, {updates}, {args.memory_cap_mb})))"
             )
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
             if proc.returncode != 0:
                 row = {"num_steps": K, "checkpointing": ckpt, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
             else:
@@ -531,7 +537,13 @@ def make_plots(results: dict[str, Any], out: str) -> dict[str, str]:
     for r in results.get("gmm", []) + results.get("ablation", []) + results.get("baselines", []):
         s = r.get("_samples") or {}
         if s.get("finetuned") is not None and s["finetuned"].shape[1:] == (2,):
-            title = f"{r['task']} {r.get('label', '')} α={r['alpha']:g}: gap {r['gap_closure']:.2f}, KL {r['kl']:.2f}"
+            name = r.get("label") or r["task"]
+            if r["task"] not in name:  # baselines and ablation rows are labelled by learner
+                name = f"{r['task']} α={r['alpha']:g}: {name}"
+            figures = f"gap {r['gap_closure']:.2f}, KL {r['kl']:.2f}"
+            if r.get("energy_distance_floor"):
+                figures += f", ED/floor {r['energy_distance'] / r['energy_distance_floor']:.2f}"
+            title = f"{name}\n{figures}"
             panels.append({"finetuned": s["finetuned"], "target": s.get("target"), "pretrained": s.get("pretrained"), "title": title})
     if panels:
         paths["samples"] = plots.sample_grid(os.path.join(out, "elegant_samples.png"), panels, "ELEGANT and baselines: fine-tuned vs exact target")

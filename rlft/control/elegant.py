@@ -34,8 +34,9 @@ r_f = log (f')^{-1}((r - lambda)/alpha) (rlft.divergences) with lambda solved on
 KL machinery runs with alpha = 1 (TANG Cor. 4.4).
 
 Reward gradient: back-propagated through the chain (pathwise); with `pathwise_weight` w < 1 (elegant's default
-is 0.25) the reward part is w x pathwise + (1 - w) x likelihood-ratio, E[(r - mean r) grad_theta log p_theta(path)] with log p_theta the
-Gaussian transitions' log density at the detached states (`path_log_prob`); both are unbiased for the same gradient.
+is 0.25) the reward part is w x pathwise + (1 - w) x likelihood-ratio, E[(r - mean r) grad_theta log p_theta(path)]
+with log p_theta the Gaussian transitions' log density at the detached states (`path_log_prob`); both are
+unbiased for the same gradient.
 
 Memory: with `checkpointing: true` the chain is cut into windows of `segment_steps` steps and each window is
 recomputed in the backward pass (torch.utils.checkpoint); the noise of a window is drawn from its own seed, so
