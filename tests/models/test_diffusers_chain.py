@@ -287,6 +287,18 @@ def test_gradients_reach_the_lora_through_a_rollout():
     assert all(p.grad is None for p in chain.unet.parameters() if not p.requires_grad)
 
 
+def test_elegant_on_a_lora_adapter_defaults_to_the_back_propagated_gradient():
+    """The likelihood-ratio pass would be a second UNet pass per step: LoRA adapters keep pathwise_weight 1."""
+    from rlft.config import task_from_dict
+    from rlft.control.elegant import ElegantLearner
+
+    task = task_from_dict({"model": {"type": "gmm", "weights": [1.0], "means": [[0.0, 0.0]], "stds": [1.0]},
+                           "reward": {"type": "quadratic", "center": [0.0, 0.0]}, "alpha": 1.0, "num_steps": K, "seed": 0})
+    lrn = ElegantLearner(task, make_chain("ddpm"), lambda x: -x.flatten(1).pow(2).sum(1), learn_init=False)
+    assert lrn.uses_lora
+    assert (lrn.options.pathwise_weight, lrn.options.drift_iterations, lrn.options.drift_iterations_per_train_iteration) == (1.0, 2000, 10)
+
+
 def test_save_and_load_lora_round_trip(tmp_path):
     chain = make_chain("ddpm")
     chain.add_lora(rank=3, lora_alpha=6, target_modules=["to_q", "to_v", "conv2"], seed=0)
