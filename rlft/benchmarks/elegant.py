@@ -306,7 +306,7 @@ def baseline_jobs(budget: dict, reuse: bool) -> list[tuple[dict, dict, str]]:
 def finish_baselines(rows: list[dict[str, Any]], reuse: dict | None) -> list[dict[str, Any]]:
     rows = list(rows)
     if reuse is not None:
-        rows.insert(0, {**reuse, "reused": True})  # the gmm section's row: its failure is listed there
+        rows.insert(0, dict(reuse))
     for row, (label, _) in zip(rows, BASELINES):
         row["task"], row["label"] = "2d", label
     return rows
@@ -616,7 +616,7 @@ def run(args) -> int:
         results["ablation"] = finish_ablation(rows[parts["ablation"]])
     if "baselines" in parts:
         results["baselines"] = finish_baselines(rows[parts["baselines"]], results["gmm"][cells.index(BASELINE_CELL)] if reuse else None)
-    failures = [r for name in parts for r in results[name] if "error" in r and not r.get("reused")]
+    failures = [r for r in rows if "error" in r]  # each run once, whichever sections show its row
     for name in parts:
         results[name] = [r for r in results[name] if "error" not in r]
     if args.seeds is not None and results.get("gmm"):

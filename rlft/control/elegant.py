@@ -242,6 +242,7 @@ class ElegantLearner(Learner):
         pathwise_weight: float | None = None,
     ) -> None:
         super().__init__(task, model, reward)
+        self.uses_lora = hasattr(model, "add_lora")  # diffusers chains: the drift is a LoRA adapter
         args = locals()
         opts = ElegantOptions(**{f.name: args[f.name] for f in dataclasses.fields(ElegantOptions)})
         self.options = self._resolve(opts)
@@ -259,7 +260,6 @@ class ElegantLearner(Learner):
     def _build_networks(self) -> None:
         o, model, task = self.options, self.model, self.task
         # the drift control: a LoRA for diffusers chains, a zero-initialised network otherwise
-        self.uses_lora = hasattr(model, "add_lora")
         if self.uses_lora:
             if not model.has_lora:
                 model.add_lora(rank=o.lora_rank, seed=int(task.seed))
@@ -293,7 +293,7 @@ class ElegantLearner(Learner):
         if o.max_grad_norm is None:
             o = dataclasses.replace(o, max_grad_norm=0.0 if o.kl_penalty else 1.0)
         if o.pathwise_weight is None:
-            o = dataclasses.replace(o, pathwise_weight=1.0 if baseline or hasattr(self.model, "add_lora") else DEFAULT_PATHWISE_WEIGHT)
+            o = dataclasses.replace(o, pathwise_weight=1.0 if baseline or self.uses_lora else DEFAULT_PATHWISE_WEIGHT)
         if o.drift_iterations is None:
             o = dataclasses.replace(o, drift_iterations=1200 if o.pathwise_weight < 1.0 else 2000)
         if o.drift_iterations_per_train_iteration is None:
