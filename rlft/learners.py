@@ -1,9 +1,13 @@
-"""The learner protocol every fine-tuning algorithm implements, and the registry `learner.type` names.
+"""The learner protocol every fine-tuning algorithm implements, and `build_learner` through the registry.
 
 A learner owns the trainable parts (control network, LoRA adapter, initial-distribution control, value
 network, RLlib algorithm, ...) for one task. The runners (`rlft train`, `rlft sweep`, Ray Jobs) only
 call the methods below, so any learner runs under Tune, checkpoints, resumes and reports the same
 figures (`rlft.evaluation.evaluate_run`).
+
+Options are typed: each learner class names a frozen dataclass `Options` (one docstring per field); the YAML
+`learner:` section minus `type` is parsed into it with path-naming errors (`parse_options`) before Ray starts,
+and checks that need the model (its shape, whether it is a diffusers chain) run in the learner's constructor.
 
 Lifecycle: ``learner = build_learner(task, model, reward)`` -> repeated ``train_iteration()`` ->
 ``evaluate()`` every few iterations -> ``save_checkpoint(dir)`` / ``load_checkpoint(dir)``.
@@ -12,21 +16,34 @@ Lifecycle: ``learner = build_learner(task, model, reward)`` -> repeated ``train_
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+import dataclasses
+from typing import Any, ClassVar
 
-from rlft.config import ConfigError, TaskConfig, check_kwargs
+from rlft import registry
+from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward
 from rlft.sampling import Control, InitialDistribution
+
+DEFAULT_LEARNER = "elegant"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A learner without options."""
 
 
 class Learner(abc.ABC):
     """One fine-tuning algorithm on one task."""
 
-    def __init__(self, task: TaskConfig, model: DiffusionModel, reward: Reward) -> None:
+    Options: ClassVar[type] = NoOptions
+    """The learner's typed, frozen options (the YAML `learner:` keys besides `type`)."""
+
+    def __init__(self, task: TaskConfig, model: DiffusionModel, reward: Reward, options: Any = None) -> None:
         self.task = task
         self.model = model
         self.reward = reward
+        self.options = options if options is not None else self.Options()
         self.iteration = 0
         self.reward_queries = 0  # number of reward evaluations so far (sample-efficiency comparisons)
 
@@ -60,53 +77,57 @@ class Learner(abc.ABC):
         """Restores exactly what `save_checkpoint` wrote (iteration counter included)."""
 
 
-_LEARNERS: dict[str, Callable[..., Learner]] = {}
-#: modules that register learners when imported (kept lazy: Ray and RLlib import slowly)
-_LEARNER_MODULES: dict[str, str] = {
-    "elegant": "rlft.control.elegant",
-    "no_kl": "rlft.control.elegant",
-    "truncation": "rlft.control.elegant",
-    "random_k": "rlft.control.elegant",
-    "ppo_kl": "rlft.rllib.ppo_kl",
-    "fpg": "rlft.rllib.fpg",
-}
-
-
-def register_learner(name: str) -> Callable:
-    """Class decorator: makes `learner: {type: name}` available."""
-
-    def wrap(cls):
-        _LEARNERS[name] = cls
-        return cls
-
-    return wrap
-
-
 def learner_names() -> list[str]:
-    return sorted(set(_LEARNERS) | set(_LEARNER_MODULES))
+    """The `learner.type` names rlft knows (a user's own learner is named 'module:Class')."""
+    return registry.names("learner")
 
 
-def resolve_learner(name: str) -> Callable[..., Learner]:
-    if name not in _LEARNERS and name in _LEARNER_MODULES:
-        import importlib
+def resolve_learner(name: str) -> type:
+    """The learner class `learner.type` names (imports its module now)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"learner.type must be a string, one of {learner_names()} (got {name!r})")
+    try:
+        return registry.resolve("learner", name)
+    except registry.RegistryError as err:
+        raise ConfigError(f"learner.type: {err}") from None
 
-        importlib.import_module(_LEARNER_MODULES[name])
-    if name not in _LEARNERS and ":" in name:  # a user's own learner, "module:Class" (importable on workers)
-        import importlib
 
-        module_name, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"learner.type {name!r} cannot be imported ({err}); check the 'module:Class' path") from None
-    if name not in _LEARNERS:
-        raise ConfigError(f"learner.type {name!r} is not a known learner; choose one of {learner_names()}")
-    return _LEARNERS[name]
+def _split(spec: dict | None) -> tuple[str, dict[str, Any]]:
+    spec = dict(spec or {"type": DEFAULT_LEARNER})
+    return spec.pop("type", DEFAULT_LEARNER), spec
+
+
+def parse_options(cls: type, params: dict[str, Any]) -> Any:
+    """The YAML `learner:` keys (without `type`) as `cls.Options`; errors name `learner.<key>`.
+
+    A user's learner without an `Options` dataclass takes its keys as constructor keyword arguments."""
+    if _has_options(cls):
+        return from_dict(cls.Options, params, "learner")
+    return check_kwargs(cls, params, "learner", {"task": None, "model": None, "reward": None})
+
+
+def _has_options(cls: type) -> bool:
+    return dataclasses.is_dataclass(getattr(cls, "Options", None)) and "options" in _init_params(cls)
+
+
+def _init_params(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def check_learner_spec(spec: dict | None) -> tuple[type, Any]:
+    """Resolves `learner.type` and parses its options (no model needed): what runs before Ray starts."""
+    name, params = _split(spec)
+    cls = resolve_learner(name)
+    return cls, parse_options(cls, params)
 
 
 def build_learner(task: TaskConfig, model: DiffusionModel, reward: Reward) -> Learner:
-    """Builds the learner `task.learner` names; its other keys go to the learner's constructor, checked."""
-    spec = dict(task.learner or {"type": "elegant"})
-    cls = resolve_learner(spec.pop("type", "elegant"))
-    kwargs = check_kwargs(cls, spec, "learner", {"task": task, "model": model, "reward": reward})
+    """Builds the learner `task.learner` names with its parsed options."""
+    cls, options = check_learner_spec(task.learner)
+    if _has_options(cls):
+        return cls(task, model, reward, options)
+    kwargs = dict(options)
+    kwargs.update(task=task, model=model, reward=reward)
     return cls(**kwargs)
