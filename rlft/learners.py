@@ -131,3 +131,15 @@ def build_learner(task: TaskConfig, model: DiffusionModel, reward: Reward) -> Le
     kwargs = dict(options)
     kwargs.update(task=task, model=model, reward=reward)
     return cls(**kwargs)
+
+
+def register_learner(name: str):
+    """Class decorator: makes `learner: {type: name}` resolve to the class in this process (prefer a line in
+    `rlft.registry._TABLE`, which works on every Ray worker without importing the module first)."""
+
+    def wrap(cls):
+        if registry.target("learner", name) is None:
+            registry.register("learner", name, cls)
+        return cls
+
+    return wrap
