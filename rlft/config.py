@@ -254,6 +254,29 @@ class TFBind8ModelConfig:
 
 ModelConfig = Union[GMMModelConfig, ScoreNetModelConfig, DiffusersModelConfig, TFBind8ModelConfig]
 
+#: the model config classes by their `type`
+MODEL_CONFIGS: dict[str, type] = {
+    typing.get_args(typing.get_type_hints(cls)["type"])[0]: cls for cls in typing.get_args(ModelConfig)
+}
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The typed model config as a plain JSON/YAML-able mapping (with its `type`); inverse of
+    `model_config_from_dict`. This is what crosses a process boundary (Ray workers, RLlib modules, checkpoints)."""
+    if not any(isinstance(cfg, cls) for cls in MODEL_CONFIGS.values()):
+        raise ConfigError(f"model config must be one of {sorted(c.__name__ for c in MODEL_CONFIGS.values())} (got {cfg!r})")
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(data: dict[str, Any] | ModelConfig, path: str = "model") -> ModelConfig:
+    """Builds the typed model config a mapping describes, dispatching on its `type` (an already typed config
+    is returned as is). Errors name the key under `path`, e.g. `model.type must be one of [...]`."""
+    if any(isinstance(data, cls) for cls in MODEL_CONFIGS.values()):
+        return data  # type: ignore[return-value]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping with a `type` (one of {sorted(MODEL_CONFIGS)}) (got {data!r})")
+    return check_value(data, ModelConfig, path)
+
 
 @dataclass(frozen=True)
 class TaskConfig:

@@ -89,3 +89,42 @@ def test_override_with_another_type_replaces_the_mapping(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(DEFAULT_TASK))
     (tmp_path / "child.yaml").write_text("base: base.yaml\nreward: {type: linear, direction: [1.0, 0.0]}\n")
     assert load_task(tmp_path / "child.yaml").reward == {"type": "linear", "direction": [1.0, 0.0]}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        DEFAULT_TASK["model"],
+        {"type": "gmm", "weights": [1.0], "means": [[0.0, 1.0, 2.0]], "stds": 0.5, "beta_min": 0.2, "beta_max": 10.0},
+        {"type": "scorenet", "path": "/some/dir"},
+        {"type": "diffusers", "path": "/a/unet", "scheduler": "ddim", "eta": 0.5, "subfolder_unet": "u", "subfolder_scheduler": "s"},
+        {"type": "tfbind8", "cache_dir": None, "pretrain_steps": 10, "hidden": 8, "depth": 2},
+    ],
+    ids=["gmm", "gmm-shared-std", "scorenet", "diffusers", "tfbind8"],
+)
+def test_model_config_round_trips_through_a_plain_mapping(data):
+    import json
+
+    from rlft.config import MODEL_CONFIGS, model_config_from_dict, model_config_to_dict
+
+    cfg = model_config_from_dict(copy.deepcopy(data))
+    assert isinstance(cfg, MODEL_CONFIGS[data["type"]])
+    out = model_config_to_dict(cfg)
+    assert out["type"] == data["type"] and {k: out[k] for k in data} == data  # what was given survives, defaults filled
+    back = model_config_from_dict(json.loads(json.dumps(out)))  # what a Ray worker or a checkpoint sees
+    assert back == cfg and model_config_to_dict(back) == out
+    assert model_config_from_dict(cfg) is cfg
+    assert task_from_dict({**DEFAULT_TASK, "model": out}).model == cfg  # the same typed config the task YAML gives
+
+
+def test_model_config_from_dict_names_the_path():
+    from rlft.config import model_config_from_dict, model_config_to_dict
+
+    with pytest.raises(ConfigError, match=r"env.model.type must be one of \['diffusers', 'gmm', 'scorenet', 'tfbind8'\]"):
+        model_config_from_dict({"type": "vae"}, path="env.model")
+    with pytest.raises(ConfigError, match=r"env.model.colour is not a known key"):
+        model_config_from_dict({"type": "scorenet", "path": "x", "colour": 1}, path="env.model")
+    with pytest.raises(ConfigError, match=r"model must be a mapping"):
+        model_config_from_dict("gmm")
+    with pytest.raises(ConfigError, match=r"model config must be one of"):
+        model_config_to_dict({"type": "gmm"})
