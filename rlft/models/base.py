@@ -8,6 +8,10 @@ Everything above the core asks a model only for what `DiffusionModel` declares h
 transition mean and std, the score at the level of step k, the deterministic (ODE/DDIM) step, the forward
 noising kernel between adjacent levels, and the generative time of step k.
 
+`ControlledChain(base, control)` is the fine-tuned sampler as a model: its mean is the base mean plus the
+control's displacement, so it can be the reference of the next fine-tuning round (S-MEME), an env's model, or
+an evaluation's model.
+
 Shapes: a batch of states is (B, *event_shape); conditioning, when a model has it, is (B, *cond_shape).
 """
 
@@ -15,10 +19,17 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from rlft.schedule import LevelCoefficients
+
+if TYPE_CHECKING:  # the protocol lives with the sampler; a model only calls its init_sample
+    from rlft.sampling import InitialDistribution
+
+#: delta_k = control(k, x_k, cond), same shape as x_k (the `rlft.sampling.Control` signature)
+ControlFn = Callable[[int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class DiffusionModel(abc.ABC):
@@ -79,6 +90,12 @@ class DiffusionModel(abc.ABC):
     def dt(self, k: int) -> float:
         """Generative time elapsed in step k (t_{k+1} - t_k); controls u(t, x) enter as delta = u * dt."""
 
+    def score_coefficients(self, k: int) -> tuple[float, float] | None:
+        """(c_mean, c_ode): the coefficients of the score in the transition mean and in the ODE step of step k,
+        where both are affine in the score (m_k = ... + c_mean score, ode = ... + c_ode score); None where they
+        are not (e.g. a clipped diffusers scheduler). A score shift g then moves the mean by c_mean g."""
+        return None
+
     # -- helpers built on the interface -----------------------------------------------------------
     def noise_step(self, k: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Adds noise up one level (level k+1 -> level k) with the forward kernel."""
@@ -135,7 +152,118 @@ class CoefficientChain(DiffusionModel):
     def noise_kernel(self, k: int) -> tuple[float, float]:
         return self.coefficients.kernel_scale[k], self.coefficients.kernel_std[k]
 
+    def score_coefficients(self, k: int) -> tuple[float, float]:
+        return self.coefficients.mean_score[k], self.coefficients.ode_score[k]
+
     def mean_from_score(self, k: int, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """The transition mean for a given score (how an exact tilted score becomes a target chain)."""
         c = self.coefficients
         return c.mean_x[k] * x + c.mean_score[k] * score
+
+
+class ControlledChain(DiffusionModel):
+    """The chain `base` run with a control: m_k(x) = m_k^base(x) + delta_k(x), delta_k = control(k, x, cond).
+
+    Itself a `DiffusionModel` (a fine-tuned sampler is a model), so it can be the reference of the next
+    fine-tuning round (S-MEME), an env's model or an evaluation's model; a ControlledChain of a ControlledChain
+    adds both controls. The step std, times and forward kernel are the base's. Where the base mean is affine in
+    the score with coefficient c_k (`score_coefficients`), the control is the score shift delta_k / c_k:
+
+        score_k(x) = score_k^base(x) + delta_k(x) / c_mean_k,      ode_k(x) = ode_k^base(x) + c_ode_k / c_mean_k delta_k(x)
+
+    (for the GMM bed's `OptimalControl` this score is the forward-diffused tilted target's, exactly).
+    `prior_sample` draws x_0 from `init` (an `rlft.sampling.InitialDistribution`) when given, else from the base.
+
+    `rlft.sampling.sample(ControlledChain(base, u), n, seed=s)` gives the same states as
+    `rlft.sampling.sample(base, n, control=u, seed=s)`; its KL is measured against the controlled chain itself
+    (zero), the base's KL is the rollout's with `control=`.
+    """
+
+    def __init__(self, base: DiffusionModel, control: ControlFn, init: "InitialDistribution | None" = None) -> None:
+        if not isinstance(base, DiffusionModel):
+            raise TypeError(f"base must be a DiffusionModel (got {type(base).__name__})")
+        if not callable(control):
+            raise TypeError(f"control must be a callable (k, x, cond) -> delta (got {type(control).__name__})")
+        if init is not None and not callable(getattr(init, "init_sample", None)):
+            raise TypeError(f"init must have init_sample(n, generator) -> (x0, kl) (got {type(init).__name__})")
+        self.num_steps = base.num_steps
+        self.base, self.control, self.init = base, control, init
+        self.event_shape = base.event_shape
+        self.cond_shape = base.cond_shape
+
+    # device and dtype are the base's: one source of truth when either is moved
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self.base.device
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def coefficients(self) -> LevelCoefficients:
+        """The base's `LevelCoefficients` (times, alpha_bar, ...), for callers that read them (guidance)."""
+        coefficients = getattr(self.base, "coefficients", None)
+        if coefficients is None:
+            raise AttributeError(f"the base chain {type(self.base).__name__} has no LevelCoefficients")
+        return coefficients
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ControlledChain":
+        """Moves the base (and a control or init that is a torch module) to `device`; dtype applies to the base."""
+        self.base.to(device, dtype)
+        for part in (self.control, self.init):
+            if isinstance(part, torch.nn.Module) and device is not None:
+                part.to(device=device)
+        return self
+
+    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.init is None:
+            return self.base.prior_sample(n, generator)
+        x0, _ = self.init.init_sample(n, generator)
+        return x0.to(device=self.device, dtype=self.dtype)
+
+    def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        if self.init is None:
+            return self.base.prior_log_prob(x)
+        log_prob = getattr(self.init, "log_prob", None)
+        if log_prob is None:
+            raise NotImplementedError(
+                f"the initial distribution {type(self.init).__name__} has no log_prob; its density is known only through "
+                "the per-sample KL init_sample returns"
+            )
+        return log_prob(x)
+
+    def time(self, k: int) -> float:
+        return self.base.time(k)
+
+    def dt(self, k: int) -> float:
+        return self.base.dt(k)
+
+    def std(self, k: int) -> float:
+        return self.base.std(k)
+
+    def noise_kernel(self, k: int) -> tuple[float, float]:
+        return self.base.noise_kernel(k)
+
+    def score_coefficients(self, k: int) -> tuple[float, float] | None:
+        return self.base.score_coefficients(k)
+
+    def mean(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.base.mean(k, x, cond) + self.control(k, x, cond)
+
+    def _score_shift(self, k: int, who: str) -> tuple[float, float]:
+        coefficients = self.base.score_coefficients(k)
+        if coefficients is None or coefficients[0] == 0:
+            raise NotImplementedError(
+                f"{who} of a ControlledChain needs a base whose mean is affine in the score "
+                f"({type(self.base).__name__} step {k} is not: e.g. a clipped diffusers scheduler); use mean() instead"
+            )
+        return coefficients
+
+    def score(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        c_mean, _ = self._score_shift(k, "score")
+        return self.base.score(k, x, cond) + self.control(k, x, cond) / c_mean
+
+    def ode_step(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        c_mean, c_ode = self._score_shift(k, "ode_step")
+        return self.base.ode_step(k, x, cond) + (c_ode / c_mean) * self.control(k, x, cond)
