@@ -6,7 +6,7 @@ twice), decoded by argmax; the nominal reward r is an MLP oracle (Table 5's shap
 trained on half of the data; the genuine reward r* is the exact binding score of the decoded sequence.
 
 - `pretrained_model`: trains the sequence score network once with the core trainer
-  (`rlft.models.scorenet.train_scorenet`, arch "seq") into a cache directory ($RLFT_CACHE or ~/.cache/rlft)
+  (`rlft.models.pretrain.train_scorenet`, arch "seq") into a cache directory ($RLFT_CACHE or ~/.cache/rlft)
   and loads it as a `ScoreNetChain`; the data do not depend on the transcription factor.
 - `learned_oracle`: trains (once per scores table and settings, cached) the MLP oracle on a random half of
   the 65,536 sequences and states its Pearson correlation with r* on the other, held-out half.
@@ -185,7 +185,8 @@ def pretrained_model(
 
     Training uses one torch thread (small nets run many times faster so on a shared CPU).
     """
-    from rlft.models.scorenet import load_scorenet, save_scorenet, train_scorenet
+    from rlft.models.pretrain import train_scorenet
+    from rlft.models.scorenet import load_scorenet, save_scorenet
 
     target = pretrained_dir(cache_dir, settings)
     with _locked(target.with_name(target.name + ".lock")):

@@ -14,10 +14,9 @@ from rlft.cli import main
 from rlft.config import ScoreNetModelConfig
 from rlft.models import build_model
 from rlft.models.gmm import GaussianMixture, GMMModel
-from rlft.models import scorenet as sn
-from rlft.models.scorenet import (
-    ScoreNetChain, ScoreNetConfig, build_network, dsm_loss, load_scorenet, save_scorenet, train_scorenet,
-)
+from rlft import checkpoint
+from rlft.models.pretrain import dsm_loss, train_scorenet
+from rlft.models.scorenet import ScoreNetChain, ScoreNetConfig, build_network, load_scorenet, save_scorenet
 from rlft.sampling import sample
 
 K = 50
@@ -175,8 +174,9 @@ def test_sequence_net_learns_exact_score_of_uniform_one_hot_data():
 
 def test_save_load_round_trip_is_exact(gmm_net, tmp_path):
     out = save_scorenet(ScoreNetChain(gmm_net, 5), tmp_path / "model")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    meta = json.loads((out / "config.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "rlft.json"]
+    meta = json.loads((out / "rlft.json").read_text())
+    assert meta["format"] == "rlft-scorenet" and meta["version"] == 2
     assert meta["arch"] == "mlp" and meta["event_shape"] == [2] and meta["hidden"] == 64
     assert meta["schedule"] == {"beta_min": 0.1, "beta_max": 20.0, "T": 1.0, "s_min": 0.001}
     assert meta["training"]["final_loss"] == gmm_net.summary.final_loss
@@ -191,6 +191,22 @@ def test_save_load_round_trip_is_exact(gmm_net, tmp_path):
     assert torch.equal(via_cfg.score(10, x), original.score(10, x))
 
 
+def test_directories_written_before_the_checkpoint_module_still_load(gmm_net, tmp_path):
+    """Format version 1 (rlft <= the renovation): the state in config.json, weights in model.safetensors."""
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = {"format": "rlft-scorenet", "version": 1, **gmm_net.config.to_dict(), "training": gmm_net.summary.to_dict()}
+    (old / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    checkpoint.save_tensors(old / "model.safetensors", gmm_net.state_dict(), metadata={"format": "pt"})
+    loaded = load_scorenet(old, num_steps=K)
+    assert loaded.net.config == gmm_net.config and loaded.net.summary == gmm_net.summary
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.score(7, x), ScoreNetChain(gmm_net, K).score(7, x))
+    save_scorenet(loaded, old)  # an old directory is a scorenet directory: re-saving upgrades it in place
+    assert sorted(p.name for p in old.iterdir()) == ["model.safetensors", "rlft.json"]
+    assert torch.equal(load_scorenet(old, num_steps=K).score(7, x), loaded.score(7, x))
+
+
 def test_save_replaces_atomically_and_refuses_foreign_dirs(gmm_net, tmp_path, monkeypatch):
     target = save_scorenet(gmm_net, tmp_path / "model")
     before = (target / "model.safetensors").read_bytes()
@@ -199,7 +215,7 @@ def test_save_replaces_atomically_and_refuses_foreign_dirs(gmm_net, tmp_path, mo
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sn, "save_file", broken_save)
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_scorenet(other, target)
     assert (target / "model.safetensors").read_bytes() == before  # the old model is untouched
@@ -225,8 +241,11 @@ def test_load_errors_name_the_path_and_the_fix(gmm_net, tmp_path):
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"model\.safetensors could not be loaded.*rlft pretrain"):
         load_scorenet(out, num_steps=10)
-    (out / "config.json").write_text("{broken")
-    with pytest.raises(ValueError, match=r"config\.json is not a valid scorenet config.*rlft pretrain"):
+    (out / "rlft.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"rlft\.json is not a valid scorenet config.*rlft pretrain"):
+        load_scorenet(out, num_steps=10)
+    (out / "rlft.json").write_text(json.dumps({"format": "rlft-scorenet", "version": 9, "arch": "mlp"}))
+    with pytest.raises(ValueError, match=r"written by rlft-scorenet version 9.*upgrade rlft"):
         load_scorenet(out, num_steps=10)
 
 
@@ -304,3 +323,14 @@ def test_pretrain_cli_bad_data_files(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o")]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_registry_builder_loads_the_directory_and_names_a_missing_path(gmm_net, tmp_path):
+    from rlft import registry
+
+    build = registry.resolve("model", "scorenet")
+    out = save_scorenet(gmm_net, tmp_path / "model")
+    chain = build(ScoreNetModelConfig(type="scorenet", path=str(out)), 12)
+    assert isinstance(chain, ScoreNetChain) and chain.num_steps == 12
+    with pytest.raises(FileNotFoundError, match=r"model.path .*nope.* does not exist; pretrain .*rlft pretrain"):
+        build(ScoreNetModelConfig(type="scorenet", path=str(tmp_path / "nope")), 12)

@@ -149,9 +149,9 @@ def test_oracle_split_is_a_seeded_half_and_visible_split_is_the_lower_half():
 def test_model_from_yaml_is_built_once_into_the_cache_and_samples_sequences(built, task_data, monkeypatch):
     task, model, _ = built
     assert model.event_shape == (8, 4) and model.num_steps == 4
-    from rlft.models import scorenet
+    from rlft.models import pretrain
 
-    monkeypatch.setattr(scorenet, "train_scorenet", lambda *a, **k: pytest.fail("the cached model was retrained"))
+    monkeypatch.setattr(pretrain, "train_scorenet", lambda *a, **k: pytest.fail("the cached model was retrained"))
     again = build_model(task.model, 7)
     assert again.num_steps == 7
     x = torch.randn(5, 8, 4)
