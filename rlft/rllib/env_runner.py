@@ -1,4 +1,4 @@
-"""A fast RLlib EnvRunner for batched diffusion envs, and the env creators RLlib builds the rlft envs with.
+"""A fast RLlib EnvRunner for batched diffusion envs, and the one env creator RLlib builds any rlft env id with.
 
 RLlib's `SingleAgentEnvRunner._sample` pays Python bookkeeping per env step per sub-env: connector passes that
 unbatch the actions into B items, one `SingleAgentEpisode.add_env_step` per sub-env and step, and callbacks
@@ -24,11 +24,13 @@ Scope (checked at construction, errors name the setting): the default env-to-mod
 
 from __future__ import annotations
 
+import importlib
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.wrappers.vector import DictInfoToList
@@ -45,30 +47,69 @@ from ray.rllib.utils.spaces.space_utils import get_base_struct_from_space
 VECTORIZE_MODE = "vector_entry_point"
 
 
-def make_drift_env(env_config: Mapping[str, Any]):
-    """RLlib env creator of `envs.DenoisingDriftEnv` (``config.environment(make_drift_env, env_config={...})``)."""
-    from envs.drift import DenoisingDriftEnv
-
-    return DenoisingDriftEnv.from_config(dict(env_config))
-
-
-def make_restart_env(env_config: Mapping[str, Any]):
-    """RLlib env creator of `envs.RestartEnv`."""
-    from envs.restart import RestartEnv
-
-    return RestartEnv.from_config(dict(env_config))
+#: Short names of the built-in env ids (`learner.env: drift | restart`).
+ENV_ALIASES = {"drift": "rlft/DenoisingDrift-v0", "restart": "rlft/Restart-v0"}
+#: The env_config key naming the Gymnasium env id `make_env` builds.
+ENV_ID = "env_id"
+#: The RLlib env name (Tune's registry) of `make_env`: ``config.environment(RLLIB_ENV, env_config={ENV_ID: ..., "task": ...})``.
+RLLIB_ENV = "rlft_env"
 
 
-#: RLlib env names (Tune's registry) of the rlft envs; ``config.environment(DRIFT_ENV, env_config={"task": {...}})``.
-DRIFT_ENV, RESTART_ENV = "rlft_drift", "rlft_restart"
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The Gymnasium spec of an env id: an alias (`ENV_ALIASES`), a registered id, or "module:Id".
+
+    "module:Id" imports `module` first (it registers the id, as `envs.example_custom` does), here and so on every
+    EnvRunner that calls `make_env`. Raises ValueError naming the id, the registered rlft ids and the fix.
+    """
+    import envs  # noqa: F401  (registers the built-in ids)
+
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"env id must be a non-empty string (got {env_id!r})")
+    name = ENV_ALIASES.get(env_id, env_id)
+    module, sep, gym_id = name.partition(":")
+    if sep:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"env id {env_id!r}: module {module!r} cannot be imported ({err}); it must be importable on "
+                             "the driver and on every Ray worker (working directory or PYTHONPATH)") from None
+    else:
+        gym_id = name
+    try:
+        return gym.spec(gym_id)
+    except gym.error.Error:
+        known = sorted(set(ENV_ALIASES) | {i for i in gym.registry if i.startswith(("rlft/", "example/"))})
+        raise ValueError(f"env id {env_id!r} is not registered with Gymnasium; use one of {known}, or name your own as "
+                         "'module:Id' where importing module registers Id (envs.register)") from None
+
+
+def env_class(env_id: str) -> type:
+    """The batched env class (`vector_entry_point`) of an env id; ValueError if it has none."""
+    creator = env_spec(env_id).vector_entry_point
+    if isinstance(creator, str):
+        creator = gym.envs.registration.load_env_creator(creator)
+    if not isinstance(creator, type):
+        raise ValueError(f"env id {env_id!r} needs a vector_entry_point that is a gymnasium.vector.VectorEnv class "
+                         f"(got {creator!r}); register it with envs.register(id, SingleEnv, BatchedEnv)")
+    return creator
+
+
+def make_env(env_config: Mapping[str, Any]):
+    """RLlib env creator of any registered rlft env: ``env_config = {ENV_ID: id, "task": {...}, "num_envs": B, ...}``.
+
+    The id's module is imported here (on the EnvRunner) before ``gym.make_vec``; the other keys are the env's
+    keyword arguments (`rlft.rllib.adapter.EnvSpec.env_config` writes them).
+    """
+    cfg = dict(env_config)
+    spec = env_spec(cfg.pop(ENV_ID))
+    return gym.make_vec(spec.id, num_envs=int(cfg.pop("num_envs", 1)), vectorization_mode=VECTORIZE_MODE, **cfg)
 
 
 def register_envs() -> None:
-    """Registers `DRIFT_ENV` and `RESTART_ENV` with RLlib (idempotent; done on import)."""
+    """Registers `RLLIB_ENV` with RLlib (idempotent; done on import)."""
     from ray.tune.registry import register_env
 
-    register_env(DRIFT_ENV, make_drift_env)
-    register_env(RESTART_ENV, make_restart_env)
+    register_env(RLLIB_ENV, make_env)
 
 
 register_envs()

@@ -1,5 +1,5 @@
 """f-policy-gradient (f-PG): fine-tune from target samples alone through a discriminator (Agarwal et al. 2023;
-BOOST §4.2, Alg. 6, eq. 4.7-4.8; MATH.md §5), on the drift env and the restart env.
+BOOST §4.2, Alg. 6, eq. 4.7-4.8; MATH.md §5), on a drift env or a restart env.
 
 Minimise D_f(p_pi || p_*) over state-visitation distributions. With D_f(p || q) = E_q[f(p/q)] (`rlft.divergences`),
 
@@ -12,18 +12,23 @@ clipped to |logit| <= logit_clip). Expert states: target samples diffused by the
 level of each agent state (drift env: level k of x_k; restart env: the current noise level), so the
 discriminator compares p_pi(x | level) with p_*(x | level) at the levels the agent visits.
 
+Names: f-PG's f is `fpg_divergence`, the distance of the policy to the TARGET p_* (known by samples). It is not
+rlft's `divergence` (ELEGANT, the f_regularised reward), which is the regulariser D_f(p || p_pre) to the PRETRAINED
+model; f-PG can add that regulariser's KL form too (`kl_penalty: true`, with the task's alpha, as PPO+KL).
+
 Each iteration (`FPG.training_step`, the override): sample -> `num_disc_updates` discriminator steps on the sampled
-states (every Learner, `foreach_learner`) -> PPO update whose rewards `FPGRewardConnector` has relabelled (batch
-level, before GAE; the state after step t is the batch's next row, the extra bootstrap row included) -> weight sync.
-The discriminator is a second, learner-only RLModule: checkpointed with the algorithm, its own Adam, never shipped to
+states (every Learner, `foreach_learner`) -> PPO update whose rewards `rlft.rllib.connectors.FPGRewardConnector` has
+relabelled (before GAE) -> weight sync. The discriminator is a second, learner-only RLModule
+(`rlft.rllib.modules.DiscriminatorModule`): checkpointed with the algorithm, its own Adam, never shipped to
 EnvRunners. Restart-specific reward shaping lives in `rlft.rllib.restart`.
 
-`FPGLearnerAdapter` is the `rlft.learners.Learner` registered as ``learner: {type: fpg, env: drift | restart}``.
+`FPGLearnerAdapter` is the `rlft.learners.Learner` registered as ``learner: {type: fpg, env: drift | restart | ID}``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -31,12 +36,10 @@ import torch
 import torch.nn.functional as F
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.connectors.common.numpy_to_tensor import NumpyToTensor
-from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.utils.metrics import (
     ALL_MODULES, ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIMER, LEARNER_RESULTS, LEARNER_UPDATE_TIMER,
@@ -45,43 +48,88 @@ from ray.rllib.utils.metrics import (
 
 from rlft.config import ConfigError, TaskConfig
 from rlft.divergences import get_divergence
-from rlft.learners import register_learner
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward
-from rlft.rllib.env_runner import DRIFT_ENV, RESTART_ENV
-from rlft.rllib.module import DriftPolicyModule, RestartPolicyModule, drift_control, drift_model_config, mlp, time_features
-from rlft.rllib.ppo_kl import ALPHA, KL_MODE, PPOKLLearner, RLlibLearner, drift_spaces, task_mapping
+from rlft.rllib.adapter import EnvSpec, PPOOptions, RLlibLearner
+from rlft.rllib.connectors import FPGRewardConnector, FPGRewardSpec, level_of
+from rlft.rllib.keys import (
+    ALPHA, CENTER, DISC_ACCURACY, DISC_BATCH_SIZE, DISC_LOSS, DISCRIMINATOR, EVENT_DIM, EXPERT_DATA,
+    EXPERT_ENERGY_DISTANCE, FPG_COEFF, FPG_DIVERGENCE, HIDDEN, INIT_DENOISE_PROB, KERNEL_SCALES, KERNEL_STDS, LOGIT_CLIP,
+    LOGITS, NFE_COST, NUM_DISC_UPDATES, NUM_LAYERS, NUM_STEPS, SEED, SHAPING, SHAPING_COEFF,
+)
+from rlft.rllib.modules import (
+    DiscriminatorModule, DriftPolicyModule, RestartPolicyModule, drift_control, drift_model_config, drift_spaces,
+    restart_spaces,
+)
+from rlft.rllib.ppo_kl import PPOKLLearner
+from rlft.rllib.restart import SHAPINGS
 from rlft.sampling import Control
 
-DISCRIMINATOR = "discriminator"
-#: learner_config_dict keys (constants, STYLE.md)
-DIVERGENCE, FPG_COEFF, LOGIT_CLIP = "divergence", "fpg_coeff", "logit_clip"
-NUM_DISC_UPDATES, DISC_BATCH_SIZE = "num_disc_updates", "disc_batch_size"
-EXPERT_DATA, KERNEL_SCALES, KERNEL_STDS = "expert_data", "kernel_scales", "kernel_stds"
-EVENT_DIM, NUM_STEPS, SHAPING, SHAPING_COEFF, NFE_COST = "event_dim", "num_steps", "shaping", "shaping_coeff", "nfe_cost"
-CENTER = "center_reward"
-#: metric keys
-DISC_LOSS, DISC_ACCURACY, FPG_REWARD = "disc_loss", "disc_accuracy", "fpg_reward_mean"
+
+@dataclass(frozen=True)
+class FPGOptions(PPOOptions):
+    """f-PG (`learner: {type: fpg, ...}`): PPO on -f'(p_pi / p_*) rewards from a discriminator against expert samples."""
+
+    lr: float = 3e-4
+    """Adam learning rate of the policy and value networks."""
+    fpg_divergence: str = "kl"
+    """f of D_f(p_pi || p_*), the distance to the target (`rlft.divergences.get_divergence`: kl, js, chi2, gamma:0.5, ...)."""
+    expert: dict[str, Any] | None = None
+    """Where the target samples come from (`expert_samples`): {type: target} (default), {type: gmm, ...}, {type: file, path}."""
+    num_expert_samples: int = 20000
+    """Size of the expert set."""
+    fpg_coeff: float = 1.0
+    """Reward scale: r = fpg_coeff * -f'(exp(clip(logit)))."""
+    logit_clip: float = 5.0
+    """|logit| is clipped to this before exp (bounds the ratio)."""
+    center_reward: bool | None = None
+    """Use -(f'(ratio) - f'(1)) (`fpg_reward`); default True on drift envs, False on restart envs."""
+    num_disc_updates: int = 50
+    """Discriminator steps per iteration."""
+    disc_batch_size: int = 512
+    """Agent and expert states per discriminator step (each)."""
+    disc_lr: float = 1e-3
+    """Adam learning rate of the discriminator."""
+    disc_hidden: int = 64
+    """Width of the discriminator MLP."""
+    disc_num_layers: int = 2
+    """Hidden layers of the discriminator MLP."""
+    kl_penalty: bool = False
+    """Also penalise the KL to the pretrained model with the task's alpha, as PPO+KL does (drift envs)."""
+    shaping: Literal["none", "terminal", "time_weighted", "level_aware"] | None = None
+    """How -f' becomes a reward (`rlft.rllib.restart`); default "none" on drift envs, "terminal" on restart envs."""
+    shaping_coeff: float = 1.0
+    """Weight of the time cost ("time_weighted") or of the per-level term ("level_aware")."""
+    nfe_cost: float = 0.0
+    """Restart envs: cost per effective NOISE action (each adds one network evaluation)."""
+    budget: int | None = None
+    """Restart envs: RL steps per episode L (>= num_steps; default 2 num_steps)."""
+    init_denoise_prob: float = 0.5
+    """Restart envs: the untrained policy's P(DENOISE)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            get_divergence(self.fpg_divergence)
+        except ValueError as err:
+            raise ConfigError(f"learner.fpg_divergence: {err}") from None
+        for name in ("fpg_coeff", "logit_clip", "disc_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"learner.{name} must be > 0 (got {getattr(self, name)}); use e.g. {name}: {getattr(FPGOptions, name)}")
+        for name in ("num_expert_samples", "disc_batch_size", "disc_hidden", "disc_num_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"learner.{name} must be >= 1 (got {getattr(self, name)}); use e.g. {name}: {getattr(FPGOptions, name)}")
+        if self.num_disc_updates < 0:
+            raise ConfigError(f"learner.num_disc_updates must be >= 0 (got {self.num_disc_updates}); use e.g. 50")
+        if self.nfe_cost < 0:
+            raise ConfigError(f"learner.nfe_cost must be >= 0 (got {self.nfe_cost}); use 0 for no NFE cost")
+        if not 0.0 < self.init_denoise_prob < 1.0:
+            raise ConfigError(f"learner.init_denoise_prob must be in (0, 1) (got {self.init_denoise_prob}); use e.g. 0.5")
+        if self.shaping is not None and self.shaping not in SHAPINGS:
+            raise ConfigError(f"learner.shaping must be one of {list(SHAPINGS)} (got {self.shaping!r})")
 
 
-def fpg_reward(logits: torch.Tensor, divergence: str, logit_clip: float, center: bool = False) -> torch.Tensor:
-    """-f'(p_pi / p_*) with the ratio exp(logit) of a discriminator that labels agent states 1, shape of logits.
-
-    center=True returns -(f'(ratio) - f'(1)): 0 where the agent matches the expert. For fixed-length episodes (drift
-    env) the shift is a constant return offset, so the policy gradient is unchanged and the value net fits returns
-    near 0 instead of -K f'(1); for variable-length episodes (restart env) it changes the optimum (see restart.py).
-    """
-    div = get_divergence(divergence)
-    ratio = torch.exp(logits.clamp(-logit_clip, logit_clip))
-    out = -div.f_prime(ratio)
-    if center:
-        out = out + div.f_prime(torch.ones((), dtype=ratio.dtype, device=ratio.device))
-    return out
-
-
-def level_of(obs: torch.Tensor, event_dim: int, num_steps: int) -> torch.Tensor:
-    """The noise level (drift: step k; restart: level l) from an observation's column D = level / K, (B,)."""
-    return torch.round(obs[:, event_dim] * num_steps).long().clamp(0, num_steps)
+# -- the discriminator's expert states -------------------------------------------------------------------------
 
 
 class ExpertStates:
@@ -111,50 +159,13 @@ def level_kernels(model: DiffusionModel) -> tuple[list[float], list[float]]:
     return scales, stds
 
 
-class DiscriminatorModule(TorchRLModule):
-    """logit(x, level) of P(agent | state); learner-only (never on EnvRunners). model_config: event_dim, num_steps,
-    hidden, num_layers, num_freqs. Inputs: x = obs[:, :D] and the time features of the level column obs[:, D]."""
-
-    def setup(self) -> None:
-        cfg = self.model_config
-        self.event_dim, self.num_freqs = int(cfg[EVENT_DIM]), int(cfg.get("num_freqs", 4))
-        self.net = mlp(self.event_dim + 1 + 2 * self.num_freqs, int(cfg.get("hidden", 64)), int(cfg.get("num_layers", 2)), 1)
-
-    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        obs, D = batch[Columns.OBS], self.event_dim
-        feats = torch.cat([obs[:, :D], time_features(obs[:, D : D + 1], self.num_freqs)], dim=-1)
-        return {"logits": self.net(feats).squeeze(-1)}
+# -- the RLlib learner and algorithm ----------------------------------------------------------------------------
 
 
-class FPGRewardConnector(ConnectorV2):
-    """Learner connector (batch level, before GAE): reward of step t = shaped -f'(ratio(s_{t+1})) (`rlft.rllib.restart`)."""
-
-    def __init__(self, input_observation_space=None, input_action_space=None, *, settings: dict[str, Any], **kw: Any) -> None:
-        super().__init__(input_observation_space, input_action_space, **kw)
-        self.settings = settings
-
-    def __call__(self, *, rl_module, batch, episodes, metrics=None, **kwargs):
-        from rlft.rllib.restart import shape_rewards
-
-        s = self.settings
-        mb = batch.get(DEFAULT_MODULE_ID)
-        if mb is None or Columns.OBS not in mb:
-            return batch
-        obs, mask = mb[Columns.OBS], mb[Columns.LOSS_MASK]
-        with torch.no_grad():
-            logits = rl_module[DISCRIMINATOR].forward_inference({Columns.OBS: obs})["logits"]
-            g = fpg_reward(logits, s[DIVERGENCE], s[LOGIT_CLIP], s.get(CENTER, False))
-        level = level_of(obs, s[EVENT_DIM], s[NUM_STEPS])
-        g_next = torch.cat([g[1:], g.new_zeros(1)])  # row t's next state is row t+1 (episodes are contiguous rows)
-        level_next = torch.cat([level[1:], level.new_zeros(1)])
-        rewards = shape_rewards(
-            s.get(SHAPING, "none"), g_next, level, level_next, mb[Columns.ACTIONS], mb[Columns.TERMINATEDS].bool(),
-            mask, s[NUM_STEPS], s.get(SHAPING_COEFF, 0.0), s.get(NFE_COST, 0.0),
-        )
-        mb[Columns.REWARDS] = s[FPG_COEFF] * rewards * mask.float()
-        if metrics is not None:
-            metrics.log_value((DEFAULT_MODULE_ID, FPG_REWARD), float(g_next[mask].mean()), window=1)
-        return batch
+def reward_spec(cfg: dict[str, Any]) -> FPGRewardSpec:
+    """The reward connector's settings from a learner_config_dict (`FPGLearnerAdapter` writes it)."""
+    return FPGRewardSpec(cfg[FPG_DIVERGENCE], cfg[FPG_COEFF], cfg[LOGIT_CLIP], cfg[CENTER], cfg[EVENT_DIM], cfg[NUM_STEPS],
+                         cfg[SHAPING], cfg[SHAPING_COEFF], cfg[NFE_COST])
 
 
 class FPGLearner(PPOKLLearner):
@@ -164,10 +175,9 @@ class FPGLearner(PPOKLLearner):
         super().build()
         cfg = self.config.learner_config_dict
         self.expert = ExpertStates(torch.as_tensor(np.asarray(cfg[EXPERT_DATA], dtype=np.float32)), cfg[KERNEL_SCALES], cfg[KERNEL_STDS])
-        self._disc_generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+        self._disc_generator = torch.Generator().manual_seed(int(cfg.get(SEED, 0)))
         if self._learner_connector is not None:  # first after NumpyToTensor: it replaces the rewards (KL comes after)
-            settings = {k: cfg[k] for k in (DIVERGENCE, FPG_COEFF, LOGIT_CLIP, CENTER, EVENT_DIM, NUM_STEPS, SHAPING, SHAPING_COEFF, NFE_COST)}
-            self._learner_connector.insert_after(NumpyToTensor, FPGRewardConnector(settings=settings))
+            self._learner_connector.insert_after(NumpyToTensor, FPGRewardConnector(spec=reward_spec(cfg)))
 
     def update_discriminator(self, agent_obs: np.ndarray) -> dict[str, float]:
         """`num_disc_updates` logistic-regression steps: agent states (label 1) vs expert states at the same levels."""
@@ -183,7 +193,7 @@ class FPGLearner(PPOKLLearner):
             e[:, :D] = self.expert.sample(levels, self._disc_generator)
             e[:, D] = levels.float() / K
             a, e = a.to(self._device), e.to(self._device)
-            la, le = disc({Columns.OBS: a})["logits"], disc({Columns.OBS: e})["logits"]  # __call__: DDP-safe
+            la, le = disc({Columns.OBS: a})[LOGITS], disc({Columns.OBS: e})[LOGITS]  # __call__: DDP-safe
             loss = F.binary_cross_entropy_with_logits(la, torch.ones_like(la)) + F.binary_cross_entropy_with_logits(le, torch.zeros_like(le))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -280,133 +290,65 @@ def expert_samples(spec: dict[str, Any], task: TaskConfig, model: DiffusionModel
 # -- the Learner-protocol adapter -------------------------------------------------------------------------------
 
 
-@register_learner("fpg")
 class FPGLearnerAdapter(RLlibLearner):
-    """f-PG as ``learner: {type: fpg, env: drift | restart, divergence: kl, expert: {type: target}, ...}``.
+    """f-PG as ``learner: {type: fpg, env: drift | restart | ID, fpg_divergence: kl, expert: {type: target}, ...}``.
 
-    env=drift: the drift policy (`DriftPolicyModule`) learns delta so the chain's states match the expert's at every
-    level; `control()` gives the fine-tuned sampler. env=restart: f-Restart (BOOST Alg. 7) with the reward shaping of
-    `rlft.rllib.restart`; `control()` is None (restart changes which steps run, not the transitions) and `evaluate()`
-    reports the learned sampler's quality, NFE and action statistics.
+    Drift envs: the drift policy (`DriftPolicyModule`) learns delta so the chain's states match the expert's at every
+    level; `control()` gives the fine-tuned sampler. Restart envs: f-Restart (BOOST Alg. 7) with the reward shaping
+    of `rlft.rllib.restart`; `control()` is None (restart changes which steps run, not the transitions) and
+    `evaluate()` reports the learned sampler's quality, NFE and action statistics.
     """
 
-    def __init__(
-        self,
-        task: TaskConfig,
-        model: DiffusionModel,
-        reward: Reward,
-        *,
-        env: Literal["drift", "restart"] = "drift",
-        divergence: str = "kl",
-        expert: dict[str, Any] | None = None,
-        num_expert_samples: int = 20000,
-        fpg_coeff: float = 1.0,
-        logit_clip: float = 5.0,
-        num_disc_updates: int = 50,
-        disc_batch_size: int = 512,
-        disc_lr: float = 1e-3,
-        kl_alpha: float = 0.0,
-        center_reward: bool | None = None,
-        shaping: Literal["none", "terminal", "time_weighted", "level_aware"] | None = None,
-        shaping_coeff: float = 1.0,
-        nfe_cost: float = 0.0,
-        budget: int | None = None,
-        init_denoise_prob: float = 0.5,
-        episodes_per_iteration: int = 256,
-        num_envs: int = 256,
-        lr: float = 3e-4,
-        num_epochs: int = 4,
-        minibatch_size: int = 4096,
-        clip_param: float = 0.2,
-        lambda_: float = 0.95,
-        hidden: int = 64,
-        num_layers: int = 2,
-        fast_env_runner: bool = True,
-        trust_pickles: bool = False,
-        save_rllib_checkpoint: bool = True,
-    ) -> None:
-        """
-        Args:
-            env: "drift" (fine-tune the transitions) or "restart" (learn when to re-noise; BOOST §4.3).
-            divergence: f by name (`rlft.divergences.get_divergence`: kl, reverse_kl, forward_kl, js, chi2, ...).
-            expert: where the target samples come from (`expert_samples`); default {type: target}.
-            num_expert_samples: size of the expert set.
-            fpg_coeff, logit_clip: reward = fpg_coeff * -f'(exp(clip(logit))).
-            center_reward: use -(f'(ratio) - f'(1)) (`fpg_reward`); default True on the drift env, False on restart.
-            num_disc_updates, disc_batch_size, disc_lr: the discriminator phase of every iteration.
-            kl_alpha: optional KL-to-pretrained penalty (drift env, as PPO+KL); 0 = pure f-PG.
-            shaping, shaping_coeff, nfe_cost, budget, init_denoise_prob: restart env (`rlft.rllib.restart`);
-                shaping defaults to "none" on the drift env (every step) and "terminal" on the restart env.
-            the rest: as `rlft.rllib.ppo_kl.PPOKL`.
-        """
-        super().__init__(task, model, reward, episodes_per_iteration=episodes_per_iteration, num_envs=num_envs,
-                         fast_env_runner=fast_env_runner, trust_pickles=trust_pickles,
-                         save_rllib_checkpoint=save_rllib_checkpoint)
-        if env not in ("drift", "restart"):
-            raise ConfigError(f"learner.env must be 'drift' or 'restart' (got {env!r})")
-        try:
-            get_divergence(divergence)
-        except ValueError as err:
-            raise ConfigError(f"learner.divergence: {err}") from None
-        for name, value in (("fpg_coeff", fpg_coeff), ("logit_clip", logit_clip), ("disc_lr", disc_lr), ("lr", lr)):
-            if not value > 0:
-                raise ConfigError(f"learner.{name} must be > 0 (got {value})")
-        if num_disc_updates < 0 or disc_batch_size < 1:
-            raise ConfigError(f"learner.num_disc_updates must be >= 0 and disc_batch_size >= 1 (got {num_disc_updates}, {disc_batch_size})")
-        if kl_alpha < 0 or nfe_cost < 0:
-            raise ConfigError(f"learner.kl_alpha and learner.nfe_cost must be >= 0 (got {kl_alpha}, {nfe_cost})")
-        self.env = env
-        self.budget = budget if budget is not None else 2 * model.num_steps
-        if env == "restart" and self.budget < model.num_steps:
-            raise ConfigError(f"learner.budget must be >= num_steps = {model.num_steps} (got {self.budget})")
-        shaping = shaping or ("none" if env == "drift" else "terminal")
-        from rlft.rllib.restart import SHAPINGS
+    Options = FPGOptions
 
-        if shaping not in SHAPINGS:
-            raise ConfigError(f"learner.shaping must be one of {list(SHAPINGS)} (got {shaping!r})")
-        self.expert_x = expert_samples(expert or {"type": "target"}, task, model, reward, num_expert_samples, task.seed + 7)
+    def __init__(self, task: TaskConfig, model: DiffusionModel, reward: Reward, options: FPGOptions | None = None) -> None:
+        super().__init__(task, model, reward, options)
+        from envs.restart import RestartEnv
+
+        o = self.options
+        self.restart = issubclass(self.env_class, RestartEnv)
+        self.budget = o.budget if o.budget is not None else 2 * model.num_steps
+        if self.restart and self.budget < model.num_steps:
+            raise ConfigError(f"learner.budget must be >= num_steps = {model.num_steps} (got {self.budget}); "
+                              "leave it out for 2 num_steps")
+        if o.kl_penalty and self.restart:
+            raise ConfigError("learner.kl_penalty needs a drift env (the KL to the pretrained model is over displacements); "
+                              "set kl_penalty: false on a restart env")
+        self.expert_x = expert_samples(o.expert or {"type": "target"}, task, model, reward, o.num_expert_samples, task.seed + 7)
         scales, stds = level_kernels(model)
+        shaping = o.shaping or ("terminal" if self.restart else "none")
         self.settings = {
-            DIVERGENCE: divergence, FPG_COEFF: fpg_coeff, LOGIT_CLIP: logit_clip, NUM_DISC_UPDATES: num_disc_updates,
-            CENTER: (env == "drift") if center_reward is None else bool(center_reward),
-            DISC_BATCH_SIZE: disc_batch_size, EVENT_DIM: model.event_dim, NUM_STEPS: model.num_steps,
-            SHAPING: shaping, SHAPING_COEFF: shaping_coeff, NFE_COST: nfe_cost, EXPERT_DATA: self.expert_x.numpy(),
-            KERNEL_SCALES: scales, KERNEL_STDS: stds, ALPHA: kl_alpha, KL_MODE: "reward", "seed": task.seed,
+            FPG_DIVERGENCE: o.fpg_divergence, FPG_COEFF: o.fpg_coeff, LOGIT_CLIP: o.logit_clip,
+            CENTER: (not self.restart) if o.center_reward is None else bool(o.center_reward),
+            NUM_DISC_UPDATES: o.num_disc_updates, DISC_BATCH_SIZE: o.disc_batch_size, EVENT_DIM: model.event_dim,
+            NUM_STEPS: model.num_steps, SHAPING: shaping, SHAPING_COEFF: o.shaping_coeff, NFE_COST: o.nfe_cost,
+            EXPERT_DATA: self.expert_x.numpy(), KERNEL_SCALES: scales, KERNEL_STDS: stds,
+            ALPHA: task.alpha if o.kl_penalty else 0.0, SEED: task.seed,
         }
-        self.hyper = dict(lr=lr, num_epochs=num_epochs, minibatch_size=minibatch_size, clip_param=clip_param,
-                          lambda_=lambda_, disc_lr=disc_lr, init_denoise_prob=init_denoise_prob)
-        self.disc_config = {EVENT_DIM: model.event_dim, "hidden": 64, "num_layers": 2}
-        if env == "drift":
-            self.model_config = drift_model_config([model.std(k) for k in range(model.num_steps)], hidden=hidden, num_layers=num_layers)
+        self.disc_config = {EVENT_DIM: model.event_dim, HIDDEN: o.disc_hidden, NUM_LAYERS: o.disc_num_layers}
+        if self.restart:
+            self.model_config = {EVENT_DIM: model.event_dim, HIDDEN: o.hidden, NUM_LAYERS: o.num_layers,
+                                 INIT_DENOISE_PROB: o.init_denoise_prob}
+            self.env = EnvSpec.of(o.env, task, model, budget=self.budget)
         else:
-            self.model_config = {EVENT_DIM: model.event_dim, "hidden": hidden, "num_layers": num_layers,
-                                 "init_denoise_prob": init_denoise_prob}
+            self.model_config = drift_model_config([model.std(k) for k in range(model.num_steps)], hidden=o.hidden,
+                                                   num_layers=o.num_layers)
+            self.env = EnvSpec.of(o.env, task, model)
         self.build()
         self._local_policy = None
 
     def build_config(self) -> FPGConfig:
-        h = self.hyper
-        if self.env == "drift":
-            env_name, env_config, steps, module_cls = DRIFT_ENV, {"task": task_mapping(self.task)}, self.model.num_steps, DriftPolicyModule
-        else:
-            env_name, module_cls = RESTART_ENV, RestartPolicyModule
-            env_config, steps = {"task": task_mapping(self.task), "budget": self.budget}, self.budget
-        config = self.base_config(FPGConfig(), env_name, env_config, steps)
-        if self.env == "restart":  # episodes end before the budget: size the batch by rounds, not by L
-            config.train_batch_size_per_learner = max(1, self.episodes_per_iteration * self.model.num_steps // max(1, self.run.num_learners))
+        # restart episodes end before the budget: size the batch by rounds of K steps, not by L
+        config = self.base_config(FPGConfig(), self.env, self.model.num_steps)
+        module_cls = RestartPolicyModule if self.restart else DriftPolicyModule
         config.rl_module(
             rl_module_spec=MultiRLModuleSpec(rl_module_specs={
                 DEFAULT_MODULE_ID: RLModuleSpec(module_class=module_cls, model_config=self.model_config),
                 DISCRIMINATOR: RLModuleSpec(module_class=DiscriminatorModule, model_config=self.disc_config, learner_only=True),
             }),
-            algorithm_config_overrides_per_module={DISCRIMINATOR: PPOConfig.overrides(lr=h["disc_lr"])},
+            algorithm_config_overrides_per_module={DISCRIMINATOR: PPOConfig.overrides(lr=self.options.disc_lr)},
         )
         config.learners(learner_class=FPGLearner, learner_config_dict=self.settings)
-        config.training(
-            gamma=1.0, lambda_=h["lambda_"], lr=h["lr"], num_epochs=h["num_epochs"],
-            minibatch_size=min(h["minibatch_size"], config.train_batch_size_per_learner), clip_param=h["clip_param"],
-            entropy_coeff=0.0, use_kl_loss=False, vf_clip_param=1e8,
-        )
         return config
 
     def train_iteration(self) -> dict[str, float]:
@@ -419,21 +361,17 @@ class FPGLearnerAdapter(RLlibLearner):
     def policy_module(self):
         """A local inference copy of the current policy module (weights from the Learner)."""
         if self._local_policy is None:
-            if self.env == "drift":
-                obs_space, act_space = drift_spaces(self.model)
-                cls = DriftPolicyModule
+            if self.restart:
+                (obs_space, act_space), cls = restart_spaces(self.model), RestartPolicyModule
             else:
-                import gymnasium as gym
-
-                obs_space = gym.spaces.Box(-np.inf, np.inf, (self.model.event_dim + 3,), np.float32)
-                act_space, cls = gym.spaces.Discrete(2), RestartPolicyModule
+                (obs_space, act_space), cls = drift_spaces(self.model), DriftPolicyModule
             self._local_policy = cls(observation_space=obs_space, action_space=act_space, inference_only=True,
                                      model_config=self.model_config)
         self._local_policy.set_state(self.module_state())
         return self._local_policy
 
     def control(self) -> Control | None:
-        if self.env != "drift":
+        if self.restart:
             return None
         return drift_control(self.policy_module(), self.model.num_steps)
 
@@ -442,7 +380,7 @@ class FPGLearnerAdapter(RLlibLearner):
         from rlft import metrics
 
         seed = self.task.seed + 1 if seed is None else seed
-        if self.env == "restart":
+        if self.restart:
             from rlft.rllib.restart import policy_restart_sample
 
             res = policy_restart_sample(self.model, self.policy_module(), num_samples, self.budget, seed=seed)
@@ -452,5 +390,5 @@ class FPGLearnerAdapter(RLlibLearner):
             from rlft.sampling import sample
 
             x = sample(self.model, num_samples, control=self.control(), seed=seed, progress=progress).x
-        out["expert_energy_distance"] = metrics.energy_distance(x.double(), self.expert_x[:num_samples].double())
+        out[EXPERT_ENERGY_DISTANCE] = metrics.energy_distance(x.double(), self.expert_x[:num_samples].double())
         return out

@@ -39,7 +39,7 @@ from ray.rllib.core.columns import Columns
 
 from rlft.guidance.restart import NOISE, RestartSchedule, restart_sample
 from rlft.models.base import DiffusionModel
-from rlft.rllib.module import RestartPolicyModule
+from rlft.rllib.modules import RestartPolicyModule
 
 SHAPINGS = ("none", "terminal", "time_weighted", "level_aware")
 

@@ -11,8 +11,8 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from rlft.config import DEFAULT_TASK
-from rlft.rllib.env_runner import DRIFT_ENV, RESTART_ENV, VECTORIZE_MODE, BulkEnvRunner
-from rlft.rllib.module import DriftPolicyModule, RestartPolicyModule, drift_model_config
+from rlft.rllib.env_runner import ENV_ID, RLLIB_ENV, VECTORIZE_MODE, BulkEnvRunner
+from rlft.rllib.modules import DriftPolicyModule, RestartPolicyModule, drift_model_config
 
 K, B = 6, 8
 TASK = dict(DEFAULT_TASK, num_steps=K)
@@ -21,7 +21,7 @@ TASK = dict(DEFAULT_TASK, num_steps=K)
 def drift_config(runner_cls, stds) -> PPOConfig:
     return (
         PPOConfig()
-        .environment(DRIFT_ENV, env_config={"task": TASK}, normalize_actions=False, clip_actions=False)
+        .environment(RLLIB_ENV, env_config={ENV_ID: "drift", "task": TASK}, normalize_actions=False, clip_actions=False)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=B, gym_env_vectorize_mode=VECTORIZE_MODE, env_runner_cls=runner_cls)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=DriftPolicyModule, model_config=drift_model_config(stds)))
         .debugging(seed=11)
@@ -87,7 +87,7 @@ def test_bulk_runner_episodes_go_through_ppos_learner(stds):
 def test_bulk_runner_on_the_restart_env_returns_whole_episodes():
     config = (
         PPOConfig()
-        .environment(RESTART_ENV, env_config={"task": TASK, "budget": 3 * K}, normalize_actions=False, clip_actions=False)
+        .environment(RLLIB_ENV, env_config={ENV_ID: "restart", "task": TASK, "budget": 3 * K}, normalize_actions=False, clip_actions=False)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=B, gym_env_vectorize_mode=VECTORIZE_MODE, env_runner_cls=BulkEnvRunner)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=RestartPolicyModule, model_config={"event_dim": 2}))
         .debugging(seed=2)

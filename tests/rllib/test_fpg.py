@@ -16,10 +16,9 @@ from rlft.learners import build_learner
 from rlft.models import build_model
 from rlft.models.gmm import GaussianMixture, GMMModel
 from rlft.rewards import build_reward
-from rlft.rllib.fpg import (
-    CENTER, DISCRIMINATOR, DIVERGENCE, EVENT_DIM, FPG_COEFF, LOGIT_CLIP, NFE_COST, NUM_STEPS, SHAPING, SHAPING_COEFF,
-    ExpertStates, FPGRewardConnector, expert_samples, fpg_reward, level_kernels,
-)
+from rlft.rllib.connectors import FPGRewardConnector, FPGRewardSpec, fpg_reward
+from rlft.rllib.fpg import ExpertStates, expert_samples, level_kernels
+from rlft.rllib.keys import DISC_ACCURACY, DISC_LOSS, DISCRIMINATOR, FPG_REWARD, LOGITS, NUM_DISC_UPDATES
 from rlft.rllib.restart import shape_rewards
 
 K = 4
@@ -44,7 +43,7 @@ def disc_logits(learner, x: torch.Tensor, level: int = K) -> torch.Tensor:
     obs = torch.cat([x.float(), torch.full((x.shape[0], 1), level / K)], dim=-1)
     module = learner.algo.learner_group._learner.module[DISCRIMINATOR]
     with torch.no_grad():
-        return module.forward_inference({Columns.OBS: obs})["logits"]
+        return module.forward_inference({Columns.OBS: obs})[LOGITS]
 
 
 @pytest.mark.ray
@@ -52,7 +51,7 @@ def disc_logits(learner, x: torch.Tensor, level: int = K) -> torch.Tensor:
 def test_one_fpg_iteration_on_the_drift_env(fpg):
     metrics = fpg.train_iteration()
     assert fpg.reward_queries == 0  # f-PG reads expert samples, never the reward
-    assert {"disc_loss", "disc_accuracy", "fpg_reward_mean"} <= set(metrics)
+    assert {DISC_LOSS, DISC_ACCURACY, FPG_REWARD} <= set(metrics)
     assert all(np.isfinite(v) for v in metrics.values())
     assert fpg.control()(1, torch.zeros(3, 2), None).shape == (3, 2)
 
@@ -67,12 +66,12 @@ def test_discriminator_separates_two_gaussians_and_rewards_point_to_the_expert(f
     agent = torch.randn(4000, 2, generator=g) * 0.3 - 1.0
     obs = torch.cat([agent, torch.ones(4000, 1)], dim=-1).numpy()
     cfg = learner.config.learner_config_dict
-    old = cfg["num_disc_updates"]
-    cfg["num_disc_updates"] = 200
+    old = cfg[NUM_DISC_UPDATES]
+    cfg[NUM_DISC_UPDATES] = 200
     try:
         stats = learner.update_discriminator(obs)
     finally:
-        cfg["num_disc_updates"] = old
+        cfg[NUM_DISC_UPDATES] = old
     assert stats["disc_accuracy"] > 0.95
     test_agent = torch.randn(500, 2, generator=g) * 0.3 - 1.0
     test_expert = torch.randn(500, 2, generator=g) * 0.3 + 1.0
@@ -101,7 +100,7 @@ class _Disc(torch.nn.Module):
     """logit = obs[:, 0], a discriminator whose answer the test knows."""
 
     def forward_inference(self, batch):
-        return {"logits": batch[Columns.OBS][:, 0]}
+        return {LOGITS: batch[Columns.OBS][:, 0]}
 
 
 def test_reward_connector_gives_each_step_the_value_of_its_next_state():
@@ -112,9 +111,8 @@ def test_reward_connector_gives_each_step_the_value_of_its_next_state():
     terminal = torch.tensor([False, True, False, False, False, True, False])
     batch = {"default_policy": {Columns.OBS: obs, Columns.LOSS_MASK: mask, Columns.TERMINATEDS: terminal,
                                 Columns.ACTIONS: torch.zeros(7, 2), Columns.REWARDS: torch.full((7,), 9.0)}}
-    settings = {DIVERGENCE: "kl", FPG_COEFF: 2.0, LOGIT_CLIP: 5.0, CENTER: False, EVENT_DIM: 2, NUM_STEPS: 2,
-                SHAPING: "none", SHAPING_COEFF: 0.0, NFE_COST: 0.0}
-    out = FPGRewardConnector(settings=settings)(rl_module={DISCRIMINATOR: _Disc()}, batch=batch, episodes=[])
+    spec = FPGRewardSpec(fpg_divergence="kl", fpg_coeff=2.0, logit_clip=5.0, center=False, event_dim=2, num_steps=2)
+    out = FPGRewardConnector(spec=spec)(rl_module={DISCRIMINATOR: _Disc()}, batch=batch, episodes=[])
     r = out["default_policy"][Columns.REWARDS]
     nxt = torch.tensor([0.2, 0.3, 0.0, 0.5, 0.6, -0.7, 0.0])
     expected = 2.0 * -(torch.log(torch.exp(nxt)) + 1.0) * mask.float()

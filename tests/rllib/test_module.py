@@ -8,8 +8,8 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussian
 
-from rlft.rllib.module import DriftPolicyModule, LoRAUNetPolicyModule, drift_control, drift_model_config
-from rlft.rllib.ppo_kl import drift_spaces, kl_from_dist_inputs
+from rlft.rllib.connectors import kl_from_dist_inputs
+from rlft.rllib.modules import DriftPolicyModule, LoRAUNetPolicyModule, drift_control, drift_model_config, drift_spaces
 from rlft.sampling import step_kl, transition
 
 
@@ -90,16 +90,19 @@ def test_inference_only_module_has_no_value_net_and_control_matches_the_mean(gmm
     assert values.shape == (8,)
 
 
-def test_lora_unet_module_starts_at_the_pretrained_model():
-    """The LoRA variant's delta = m^LoRA - m is exactly 0 before training (peft's B = 0) and moves after a step."""
+def test_lora_unet_module_starts_at_the_pretrained_model(tmp_path):
+    """The LoRA variant's delta = m^LoRA - m is exactly 0 before training (peft's B = 0) and moves after a step; the
+    module builds its chain from the typed model config, as the envs do."""
     pytest.importorskip("peft")
     import gymnasium as gym
 
-    from rlft.models.digits import digits_scheduler_config, tiny_unet_config
+    from rlft.config import DiffusersModelConfig, model_config_to_dict
+    from rlft.models.diffusers_chain import DiffusersChain
+    from rlft.tasks.digits_unet import digits_scheduler_config, tiny_unet_config
 
-    unet = tiny_unet_config((8, 16))
-    cfg = drift_model_config([1.0, 1.0, 1.0], chain={"unet_config": unet, "scheduler_config": digits_scheduler_config(),
-                                                      "num_steps": 3, "seed": 0}, lora={"rank": 2})
+    DiffusersChain.from_config(tiny_unet_config((8, 16)), digits_scheduler_config(), num_steps=3, seed=0).save_pretrained(tmp_path / "unet")
+    model = model_config_to_dict(DiffusersModelConfig(type="diffusers", path=str(tmp_path / "unet")))
+    cfg = drift_model_config([1.0, 1.0, 1.0], model=model, lora={"rank": 2})
     obs_space = gym.spaces.Box(-np.inf, np.inf, (65,), np.float32)
     act_space = gym.spaces.Box(-np.inf, np.inf, (64,), np.float32)
     module = LoRAUNetPolicyModule(observation_space=obs_space, action_space=act_space, inference_only=False, model_config=cfg)

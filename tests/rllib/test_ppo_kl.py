@@ -15,8 +15,10 @@ from rlft.config import DEFAULT_TASK, task_from_dict
 from rlft.learners import build_learner
 from rlft.models import build_model
 from rlft.rewards import build_reward
-from rlft.rllib.module import DriftPolicyModule, drift_model_config
-from rlft.rllib.ppo_kl import KL_LOSS_COEFF, KLLossScaleConnector, KLPenaltyConnector, RLlibLearner, drift_spaces
+from rlft.rllib.adapter import WEIGHTS_FILE, _flatten, _unflatten
+from rlft.rllib.connectors import KLLossScaleConnector, KLPenaltyConnector
+from rlft.rllib.keys import KL_LOSS_COEFF
+from rlft.rllib.modules import DriftPolicyModule, drift_model_config, drift_spaces
 
 
 def small_task(**learner) -> dict:
@@ -88,15 +90,16 @@ def test_one_ppo_kl_iteration_with_two_env_runners(ray_session):
 @pytest.mark.timeout(240)
 def test_checkpoint_round_trip_is_data_only(ray_session, tmp_path):
     """save -> train on -> load restores the policy, the value net, the optimizer and the counters (no unpickling)."""
-    learner = build(small_task(kl_mode="loss", save_rllib_checkpoint=True))
+    learner = build(small_task(save_rllib_checkpoint=True))
     try:
         learner.train_iteration()
         before = learner.module_state()
         adam = lambda: learner.algo.learner_group.get_state(components="learner")["learner"]["optimizer"]  # noqa: E731
         moments = adam()["default_policy_default_optimizer"]["state"]["state"]
         learner.save_checkpoint(str(tmp_path))
-        assert {"weights.safetensors", "state.json", "rllib"} <= set(os.listdir(tmp_path))
-        assert json.loads((tmp_path / "state.json").read_text())["iteration"] == 1
+        assert {WEIGHTS_FILE, "rlft.json", "rllib"} <= set(os.listdir(tmp_path))
+        state = json.loads((tmp_path / "rlft.json").read_text())
+        assert (state["format"], state["version"], state["iteration"]) == ("rlft-rllib", 2, 1)
         learner.train_iteration()
         moved = learner.module_state()
         assert any(not np.array_equal(before[k], moved[k]) for k in before)
@@ -109,20 +112,39 @@ def test_checkpoint_round_trip_is_data_only(ray_session, tmp_path):
         # the EnvRunner's copy was synced too
         runner_state = learner.algo.env_runner.module.get_state()
         assert all(np.array_equal(before[k], runner_state[k]) for k in runner_state)
+        # a version-1 directory (state.json, written before rlft.checkpoint) still loads
+        (tmp_path / "state.json").write_text(json.dumps({**state, "version": 1}))
+        (tmp_path / "rlft.json").unlink()
+        learner.train_iteration()
+        learner.load_checkpoint(str(tmp_path))
+        assert learner.iteration == 1 and all(np.array_equal(before[k], v) for k, v in learner.module_state().items())
     finally:
         learner.algo.stop()
 
 
-def test_flatten_round_trip():
-    from rlft.rllib.ppo_kl import _flatten, _unflatten
+@pytest.mark.parametrize("learner, match", [
+    ({"kl_mode": "loss"}, "kl_mode 'loss' was removed.*biased.*use kl_mode: reward"),
+    ({"env": "restart"}, "ppo_kl needs a drift env"),
+    ({"env": "nowhere:x/Y-v0"}, "module 'nowhere' cannot be imported"),
+    ({"env": "x/Y-v0"}, "not registered with Gymnasium"),
+    ({"lambda_": 1.5}, r"lambda_ must be in \[0, 1\] \(got 1.5\)"),
+    ({"kl_coeff": 1.0}, "kl_coeff is not a known key"),
+])
+def test_option_errors_name_the_key_the_rule_and_the_fix_before_ray_starts(learner, match):
+    from rlft.config import ConfigError
+    from rlft.learners import check_learner_spec
 
+    with pytest.raises(ConfigError, match=match):
+        check_learner_spec({"type": "ppo_kl", **learner})
+
+
+def test_flatten_round_trip():
     state = {"a": {"w": np.arange(6.0).reshape(2, 3), 3: [np.ones(2), 0.5, "adam", None, True]}, "step": np.int64(4)}
     tensors, meta = _flatten(state)
     json.dumps(meta)
     back = _unflatten(tensors, json.loads(json.dumps(meta)))
     assert np.array_equal(back["a"]["w"], state["a"]["w"]) and back["a"][3][1:] == [0.5, "adam", None, True]
     assert np.array_equal(back["a"][3][0], np.ones(2)) and back["step"] == 4
-    assert issubclass(type(build), object) and RLlibLearner.WEIGHTS_FILE.endswith(".safetensors")
 
 
 @pytest.mark.slow
@@ -131,7 +153,7 @@ def test_flatten_round_trip():
 def test_ppo_kl_with_a_lora_policy_on_a_diffusers_model(ray_session, tmp_path):
     """`policy: lora`: one PPO+KL iteration fine-tunes only the LoRA of a (tiny, random) diffusers UNet."""
     from rlft.models.diffusers_chain import DiffusersChain
-    from rlft.models.digits import digits_scheduler_config, tiny_unet_config
+    from rlft.tasks.digits_unet import digits_scheduler_config, tiny_unet_config
 
     DiffusersChain.from_config(tiny_unet_config((8, 16)), digits_scheduler_config(), num_steps=3, seed=0).save_pretrained(tmp_path / "unet")
     task = {"model": {"type": "diffusers", "path": str(tmp_path / "unet")}, "reward": {"type": "linear", "direction": [0.01] * 64},

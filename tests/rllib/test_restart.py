@@ -11,7 +11,7 @@ from ray.rllib.core.columns import Columns
 
 from rlft.guidance.restart import RestartSchedule, restart_sample
 from rlft.models.gmm import GaussianMixture, GMMModel
-from rlft.rllib.module import RestartPolicyModule
+from rlft.rllib.modules import RestartPolicyModule
 from rlft.rllib.restart import policy_restart_sample, restart_actions_match_env
 
 

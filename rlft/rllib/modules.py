@@ -1,5 +1,5 @@
-"""RLModules for the rlft environments: the drift policy N(delta_theta(x, k), s_k^2 I), its LoRA-on-UNet variant,
-and the restart policy (MATH.md §5; ELEGANT App. E.3; DPOK/DDPO view of the chain).
+"""RLModules of the rlft learners (forward passes only): the drift policy N(delta_theta(x, k), s_k^2 I), its
+LoRA-on-UNet variant, the restart policy and f-PG's discriminator (MATH.md §5; ELEGANT App. E.3; BOOST §4.2-4.3).
 
 Drift env (`envs.drift`): the action is a_k = x_{k+1} - m_k(x_k), so a policy N(delta_theta(x_k, k), s_k^2 I) over
 a_k IS the fine-tuned transition N(m_k + delta_theta, s_k^2 I) and its log-prob is the transition log-density.
@@ -12,7 +12,7 @@ so the untrained policy is exactly the pretrained chain, and with c_k = s_k the 
 |net|^2 / 2 and PPO's log-ratio moves by the same amount per unit of net output at every noise level.
 `ACTION_DIST_INPUTS` = [delta, log s_k] (RLlib's `TorchDiagGaussian.from_logits` layout).
 
-The value network is separate and `learner_only` in spirit: `InferenceOnlyAPI` strips it from EnvRunners.
+The value network is separate: `InferenceOnlyAPI` strips it from EnvRunners.
 Observation layout (drift env): [x flattened (D), k/K, cond flattened (C)]; restart env: [x (D), l/K, nfe, t, cond].
 
 Notation: K `num_steps`, D `event_dim`, s_k `stds[k]`, delta `delta`.
@@ -23,17 +23,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import torch
-from torch import nn
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.inference_only_api import InferenceOnlyAPI
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
+from rlft.models.base import DiffusionModel
+from rlft.models.nets import linear_time_features, mlp
+from rlft.rllib.keys import (
+    EVENT_DIM, HIDDEN, INIT_DENOISE_PROB, LOGITS, LORA, MEAN_SCALE, MODEL, NUM_FREQS, NUM_LAYERS, NUM_STEPS, STDS,
+)
+from rlft.sampling import Control
+
 #: How the network output is scaled into delta_k (see the module docstring).
 MEAN_SCALES = ("std", "variance", "one")
-#: model_config keys of `DriftPolicyModule` (`drift_model_config` builds them).
-STDS, NUM_STEPS, HIDDEN, NUM_LAYERS, MEAN_SCALE, NUM_FREQS = "stds", "num_steps", "hidden", "num_layers", "mean_scale", "num_freqs"
 
 
 def drift_model_config(
@@ -50,26 +56,16 @@ def drift_model_config(
             MEAN_SCALE: mean_scale, NUM_FREQS: int(num_freqs), **extra}
 
 
-def time_features(t: torch.Tensor, num_freqs: int) -> torch.Tensor:
-    """[t, sin(pi j t), cos(pi j t) for j = 1..num_freqs] of t in [0, 1], (B, 1) -> (B, 1 + 2 num_freqs)."""
-    if num_freqs == 0:
-        return t
-    j = torch.arange(1, num_freqs + 1, device=t.device, dtype=t.dtype) * math.pi
-    return torch.cat([t, torch.sin(t * j), torch.cos(t * j)], dim=-1)
+def drift_spaces(model: DiffusionModel) -> tuple[gym.spaces.Box, gym.spaces.Box]:
+    """The drift env's single observation (D + 1 + C,) and action (D,) spaces for a model (without an env)."""
+    D, C = model.event_dim, (math.prod(model.cond_shape) if model.cond_shape else 0)
+    obs = gym.spaces.Box(-np.inf, np.inf, (D + 1 + C,), np.float32)
+    return obs, gym.spaces.Box(-np.inf, np.inf, (D,), np.float32)
 
 
-def mlp(inp: int, hidden: int, layers: int, out: int, zero_last: bool = False) -> nn.Sequential:
-    """inp -> [hidden, SiLU] x layers -> out; the last layer zero-initialised when asked."""
-    mods: list[nn.Module] = []
-    width = inp
-    for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.SiLU()]
-        width = hidden
-    last = nn.Linear(width, out)
-    if zero_last:
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-    return nn.Sequential(*mods, last)
+def restart_spaces(model: DiffusionModel) -> tuple[gym.spaces.Box, gym.spaces.Discrete]:
+    """The restart env's single observation (D + 3,) and action {0: NOISE, 1: DENOISE} spaces (unconditional)."""
+    return gym.spaces.Box(-np.inf, np.inf, (model.event_dim + 3,), np.float32), gym.spaces.Discrete(2)
 
 
 class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
@@ -89,7 +85,7 @@ class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.register_buffer("mean_scales", scale, persistent=False)
         self.num_freqs = int(cfg.get(NUM_FREQS, 4))
         steps = torch.arange(self.num_steps + 1, dtype=torch.float32)[:, None] / self.num_steps  # (K+1, 1)
-        self.register_buffer("time_table", time_features(steps, self.num_freqs), persistent=False)  # (K+1, 1 + 2F)
+        self.register_buffer("time_table", linear_time_features(steps, self.num_freqs), persistent=False)  # (K+1, 1 + 2F)
         inp = self.event_dim + 1 + 2 * self.num_freqs + self.cond_dim
         hidden, layers = int(cfg.get(HIDDEN, 64)), int(cfg.get(NUM_LAYERS, 2))
         self.mean_net = mlp(inp, hidden, layers, self.event_dim, zero_last=True)
@@ -127,10 +123,10 @@ class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 class LoRAUNetPolicyModule(DriftPolicyModule):
     """The drift policy whose mean is a LoRA on a diffusers UNet: delta_k(x) = m_k^LoRA(x) - m_k(x).
 
-    model_config adds ``chain``: {"path": DIR} (a `DiffusersChain.save_pretrained` directory) or {"unet_config": ...,
-    "scheduler_config": ..., "seed": 0} (random weights, for tests and benchmarks), with "num_steps", "scheduler",
-    "eta"; and ``lora``: {"rank": 4, "lora_alpha": None, "target_modules": None}. The base UNet is frozen; only the
-    LoRA matrices (B initialised to zero by peft, so delta = 0 at init) and the value net train.
+    model_config adds ``model``: the task's typed diffusers model config as a mapping (`rlft.config.model_config_to_dict`;
+    the module rebuilds the chain with `rlft.models.build_model`, the route every env and learner uses), ``num_steps``
+    K, and ``lora``: {"rank": 4, "lora_alpha": None, "target_modules": None}. The base UNet is frozen; only the LoRA
+    matrices (B initialised to zero by peft, so delta = 0 at init) and the value net train.
 
     Limits (RLlib's module model): the module holds its own copy of the UNet (one per EnvRunner and Learner, besides
     the env's), every forward runs the UNet twice (adapters on and off), and `get_state` ships the frozen base weights
@@ -139,20 +135,15 @@ class LoRAUNetPolicyModule(DriftPolicyModule):
     """
 
     def setup(self) -> None:
-        from rlft.models.diffusers_chain import DiffusersChain
+        from rlft.config import model_config_from_dict
+        from rlft.models import build_model
 
-        cfg = self.model_config
-        spec = dict(cfg["chain"])
-        steps = int(spec.pop("num_steps"))
-        if "path" in spec:
-            chain = DiffusersChain.from_pretrained(spec.pop("path"), steps, **spec)
-        else:
-            chain = DiffusersChain.from_config(spec.pop("unet_config"), spec.pop("scheduler_config", None), steps, **spec)
-        lora = dict(cfg.get("lora") or {})
+        cfg = dict(self.model_config)
+        steps = int(cfg[NUM_STEPS])
+        chain = build_model(model_config_from_dict(cfg[MODEL]), steps)
+        lora = dict(cfg.get(LORA) or {})
         chain.add_lora(**{k: v for k, v in lora.items() if v is not None})
-        cfg = dict(cfg)
         cfg[STDS] = [float(chain.std(k)) for k in range(steps)]
-        cfg[NUM_STEPS] = steps
         self.model_config = cfg
         super().setup()
         del self.mean_net  # the LoRA replaces the mean MLP
@@ -173,19 +164,19 @@ class LoRAUNetPolicyModule(DriftPolicyModule):
 class RestartPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     """Categorical policy over the restart env's {0: NOISE, 1: DENOISE} with a separate value network.
 
-    model_config: hidden, num_layers, num_freqs, and ``init_denoise_prob`` (the initial P(DENOISE), set through the
-    last layer's bias with zero weights; 0.5 = uniform). Observation: [x (D), l/K, nfe/(K+L), t/L, cond (C)].
+    model_config: event_dim, hidden, num_layers, num_freqs, and ``init_denoise_prob`` (the initial P(DENOISE), set
+    through the last layer's bias with zero weights; 0.5 = uniform). Observation: [x (D), l/K, nfe/(K+L), t/L, cond].
     """
 
     def setup(self) -> None:
         cfg = self.model_config
-        self.event_dim = int(cfg["event_dim"])
+        self.event_dim = int(cfg[EVENT_DIM])
         self.obs_dim = int(self.observation_space.shape[0])
         self.num_freqs = int(cfg.get(NUM_FREQS, 4))
         hidden, layers = int(cfg.get(HIDDEN, 64)), int(cfg.get(NUM_LAYERS, 2))
         inp = self.obs_dim + 2 * self.num_freqs
         self.logits_net = mlp(inp, hidden, layers, 2, zero_last=True)
-        p = float(cfg.get("init_denoise_prob", 0.5))
+        p = float(cfg.get(INIT_DENOISE_PROB, 0.5))
         if not 0.0 < p < 1.0:
             raise ValueError(f"init_denoise_prob must be in (0, 1) (got {p})")
         with torch.no_grad():
@@ -198,7 +189,7 @@ class RestartPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         D = self.event_dim
-        return torch.cat([obs, time_features(obs[:, D : D + 1], self.num_freqs)[:, 1:]], dim=-1)
+        return torch.cat([obs, linear_time_features(obs[:, D : D + 1], self.num_freqs)[:, 1:]], dim=-1)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         return {Columns.ACTION_DIST_INPUTS: self.logits_net(self.features(batch[Columns.OBS]))}
@@ -207,7 +198,22 @@ class RestartPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         return self.value_net(self.features(batch[Columns.OBS])).squeeze(-1)
 
 
-def drift_control(module: DriftPolicyModule, num_steps: int):
+class DiscriminatorModule(TorchRLModule):
+    """logit(x, level) of P(agent | state); learner-only (never on EnvRunners). model_config: event_dim, hidden,
+    num_layers, num_freqs. Inputs: x = obs[:, :D] and the time features of the level column obs[:, D]."""
+
+    def setup(self) -> None:
+        cfg = self.model_config
+        self.event_dim, self.num_freqs = int(cfg[EVENT_DIM]), int(cfg.get(NUM_FREQS, 4))
+        self.net = mlp(self.event_dim + 1 + 2 * self.num_freqs, int(cfg.get(HIDDEN, 64)), int(cfg.get(NUM_LAYERS, 2)), 1)
+
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        obs, D = batch[Columns.OBS], self.event_dim
+        feats = torch.cat([obs[:, :D], linear_time_features(obs[:, D : D + 1], self.num_freqs)], dim=-1)
+        return {LOGITS: self.net(feats).squeeze(-1)}
+
+
+def drift_control(module: DriftPolicyModule, num_steps: int) -> Control:
     """A `rlft.sampling.Control` (k, x, cond) -> delta_k from the module's mean (for `rlft.evaluation.evaluate_run`)."""
 
     def control(k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

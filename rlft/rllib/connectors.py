@@ -1,0 +1,159 @@
+"""Learner connectors of the rlft RLlib learners: they relabel a batch before (or scale it after) GAE, nothing else.
+
+    KLPenaltyConnector    PPO+KL, before GAE:  r_k <- r_k - alpha KL_k(delta_behaviour)        (ELEGANT eq. 22-23)
+    KLLossScaleConnector  PPO+KL, after GAE:   column alpha / sigma_A for the direct KL term  (see `rlft.rllib.ppo_kl`)
+    FPGRewardConnector    f-PG, before GAE:    r_t <- shaped -f'(ratio(s_{t+1}))               (BOOST eq. 4.7)
+
+KL_k = |delta_k|^2 / (2 s_k^2) is the closed-form per-step KL (`rlft.sampling.step_kl`), read from the batch's
+ACTION_DIST_INPUTS = [delta, log s_k]; f-PG's ratio p_pi / p_* = exp(logit) comes from the learner-only
+discriminator RLModule (`rlft.rllib.modules.DiscriminatorModule`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.evaluation.postprocessing import Postprocessing
+
+from rlft.divergences import get_divergence
+from rlft.rllib.keys import DISCRIMINATOR, FPG_REWARD, KL_LOSS_COEFF, LOGITS, PATH_KL
+from rlft.rllib.modules import DriftPolicyModule
+from rlft.rllib.restart import shape_rewards
+from rlft.sampling import step_kl
+
+
+def _unwrapped(module):
+    """The RLModule inside a DDP wrapper (num_learners > 1), else the module itself."""
+    return module.unwrapped() if hasattr(module, "unwrapped") else module
+
+
+def kl_from_dist_inputs(dist_inputs: torch.Tensor) -> torch.Tensor:
+    """Per-step KL to the pretrained chain from ACTION_DIST_INPUTS = [delta, log s_k] (B, 2D), shape (B,)."""
+    delta, log_std = dist_inputs.chunk(2, dim=-1)
+    return step_kl(delta, torch.exp(log_std[:, 0]))
+
+
+class KLPenaltyConnector(ConnectorV2):
+    """Learner connector (batch level, after NumpyToTensor, before GAE): rewards -= alpha * KL_k(behaviour delta)."""
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, alpha: float, **kwargs: Any) -> None:
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self.alpha = float(alpha)
+
+    def __call__(self, *, rl_module, batch, episodes, metrics=None, **kwargs):
+        for mid, mb in batch.items():
+            if Columns.ACTION_DIST_INPUTS not in mb or not isinstance(_unwrapped(rl_module[mid]), DriftPolicyModule):
+                continue
+            mask = mb[Columns.LOSS_MASK].float()
+            cost = kl_from_dist_inputs(mb[Columns.ACTION_DIST_INPUTS]) * mask  # (N,), 0 on the bootstrap steps
+            mb[Columns.REWARDS] = mb[Columns.REWARDS] - self.alpha * cost
+            if metrics is not None:
+                num_episodes = max(1.0, float(mb[Columns.TERMINATEDS].float().sum() + mb[Columns.TRUNCATEDS].float().sum()))
+                metrics.log_value((mid, PATH_KL), float(cost.sum()) / num_episodes, window=1)
+        return batch
+
+
+class KLLossScaleConnector(ConnectorV2):
+    """Learner connector after GAE: adds the column alpha / sigma_A, sigma_A = std of the raw advantages.
+
+    RLlib's GAE standardises the advantages; dividing the direct term by sigma_A keeps alpha the same trade-off
+    between reward and KL as in J (`rlft.rllib.ppo_kl`)."""
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, alpha: float, **kwargs: Any) -> None:
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self.alpha = float(alpha)
+
+    def __call__(self, *, rl_module, batch, episodes, **kwargs):
+        for mid, mb in batch.items():
+            if Postprocessing.VALUE_TARGETS not in mb or not isinstance(_unwrapped(rl_module[mid]), DriftPolicyModule):
+                continue
+            mask = mb[Columns.LOSS_MASK]
+            with torch.no_grad():
+                raw = mb[Postprocessing.VALUE_TARGETS] - _unwrapped(rl_module[mid]).compute_values(mb)  # A = targets - V
+            sigma = float(raw[mask].std()) if int(mask.sum()) > 1 else 1.0
+            mb[KL_LOSS_COEFF] = torch.full_like(raw, self.alpha / max(sigma, 1e-4))
+        return batch
+
+
+# -- f-PG ---------------------------------------------------------------------------------------------------
+
+
+def fpg_reward(logits: torch.Tensor, fpg_divergence: str, logit_clip: float, center: bool = False) -> torch.Tensor:
+    """-f'(p_pi / p_*) with the ratio exp(logit) of a discriminator that labels agent states 1, shape of logits.
+
+    center=True returns -(f'(ratio) - f'(1)): 0 where the agent matches the expert. For fixed-length episodes (drift
+    env) the shift is a constant return offset, so the policy gradient is unchanged and the value net fits returns
+    near 0 instead of -K f'(1); for variable-length episodes (restart env) it changes the optimum (see restart.py).
+    """
+    div = get_divergence(fpg_divergence)
+    ratio = torch.exp(logits.clamp(-logit_clip, logit_clip))
+    out = -div.f_prime(ratio)
+    if center:
+        out = out + div.f_prime(torch.ones((), dtype=ratio.dtype, device=ratio.device))
+    return out
+
+
+def level_of(obs: torch.Tensor, event_dim: int, num_steps: int) -> torch.Tensor:
+    """The noise level (drift: step k; restart: level l) from an observation's column D = level / K, (B,)."""
+    return torch.round(obs[:, event_dim] * num_steps).long().clamp(0, num_steps)
+
+
+@dataclass(frozen=True)
+class FPGRewardSpec:
+    """How `FPGRewardConnector` turns discriminator logits into per-step rewards (from `rlft.rllib.fpg.FPGOptions`)."""
+
+    fpg_divergence: str
+    """f of D_f(p_pi || p_*) (`rlft.divergences.get_divergence`)."""
+    fpg_coeff: float
+    """Reward scale: r = fpg_coeff * shaped -f'(ratio)."""
+    logit_clip: float
+    """|logit| is clipped to this before exp (the ratio's range)."""
+    center: bool
+    """Use -(f'(ratio) - f'(1)) (0 where agent and expert agree)."""
+    event_dim: int
+    """D: the observation's first D numbers are x, column D is the level / K."""
+    num_steps: int
+    """K, the number of levels below the data end."""
+    shaping: str = "none"
+    """One of `rlft.rllib.restart.SHAPINGS`."""
+    shaping_coeff: float = 0.0
+    """Weight of the time cost ("time_weighted") or of the per-level term ("level_aware")."""
+    nfe_cost: float = 0.0
+    """Cost per effective NOISE action (restart env)."""
+
+
+class FPGRewardConnector(ConnectorV2):
+    """Learner connector (batch level, before GAE): reward of step t = shaped -f'(ratio(s_{t+1})) (`rlft.rllib.restart`).
+
+    The state after step t is the batch's next row: RLlib lays each episode out as its rows s_0..s_{L-1} followed by
+    one bootstrap row s_L (loss mask False), episodes one after another."""
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, spec: FPGRewardSpec, **kw: Any) -> None:
+        super().__init__(input_observation_space, input_action_space, **kw)
+        self.spec = spec
+
+    def __call__(self, *, rl_module, batch, episodes, metrics=None, **kwargs):
+        s = self.spec
+        mb = batch.get(DEFAULT_MODULE_ID)
+        if mb is None or Columns.OBS not in mb:
+            return batch
+        obs, mask = mb[Columns.OBS], mb[Columns.LOSS_MASK]
+        with torch.no_grad():
+            logits = rl_module[DISCRIMINATOR].forward_inference({Columns.OBS: obs})[LOGITS]
+            g = fpg_reward(logits, s.fpg_divergence, s.logit_clip, s.center)
+        level = level_of(obs, s.event_dim, s.num_steps)
+        g_next = torch.cat([g[1:], g.new_zeros(1)])  # row t's next state is row t+1 (episodes are contiguous rows)
+        level_next = torch.cat([level[1:], level.new_zeros(1)])
+        rewards = shape_rewards(
+            s.shaping, g_next, level, level_next, mb[Columns.ACTIONS], mb[Columns.TERMINATEDS].bool(),
+            mask, s.num_steps, s.shaping_coeff, s.nfe_cost,
+        )
+        mb[Columns.REWARDS] = s.fpg_coeff * rewards * mask.float()
+        if metrics is not None:
+            metrics.log_value((DEFAULT_MODULE_ID, FPG_REWARD), float(g_next[mask].mean()), window=1)
+        return batch
