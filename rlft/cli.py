@@ -17,8 +17,8 @@ COMMAND_MODULES = [
     "rlft.demo",  # rlft demo
     "rlft.models.pretrain",  # rlft pretrain
     "rlft.benchmarks",  # rlft bench ...
-    "rlft.runner",  # rlft train / rlft sweep
-    "rlft.jobs",  # rlft submit / rlft jobs
+    "rlft.run.cli",  # rlft train / rlft sweep
+    "rlft.run.jobs_cli",  # rlft submit / rlft jobs
 ]
 
 

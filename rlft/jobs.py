@@ -17,44 +17,32 @@ entrypoint command on the cluster with a runtime environment. `rlft submit CONFI
 Results land where the config's `run.storage_path` says. On a multi-node cluster that must be a cloud
 URI (s3://, gs://) or a file system every node mounts: trials on other nodes write there.
 
-`rlft jobs status|logs|stop|list` query the same API with the same token handling.
+`rlft jobs status|logs|stop|list` query the same API with the same token handling. The package is built
+by `rlft.run.package`, the command line lives in `rlft.run.jobs_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import datetime
-import json
 import os
 import secrets
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import yaml
 
-if TYPE_CHECKING:
-    from rlft.config import TaskConfig
-    from rlft.run_config import RunConfig, SweepGrid
+from rlft.config import TaskConfig, load_yaml
+from rlft.run.package import JOB_CONFIG_DIR, build_package
+from rlft.run_config import RunConfig, SweepGrid, apply_overrides, experiment_from_dict
 
 # -- constants --------------------------------------------------------------------------------------
 
-#: directory inside the job package that holds the submitted (merged, validated) config
-JOB_CONFIG_DIR = "rlft_job"
-#: directory names never packaged (anywhere in the tree)
-EXCLUDED_DIRS = frozenset({
-    ".git", ".hg", ".svn", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", ".ipynb_checkpoints", "node_modules", ".whl", "mlruns", "wandb",
-})
-#: directory names never packaged at the project's top level (build outputs, local results)
-EXCLUDED_TOP_DIRS = frozenset({"runs", "build", "dist", JOB_CONFIG_DIR})
-#: file suffixes never packaged
-EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 #: Ray refuses working_dir packages above 500 MiB; above this we warn
 WARN_PACKAGE_BYTES = 100 * 1024**2
 #: a freshly started head refuses jobs until its agent is up ("No available agent"): retries, pause
@@ -159,107 +147,6 @@ def _auth_message(address: str, token: Token | None, detail: str) -> str:
     )
 
 
-# -- packaging --------------------------------------------------------------------------------------
-
-
-def project_root() -> Path | None:
-    """The rlft checkout (the directory holding pyproject.toml above `rlft/`), or None if rlft is installed."""
-    import rlft
-
-    root = Path(rlft.__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() and (root / "rlft").is_dir() else None
-
-
-def _package_sources(root: Path | None) -> list[tuple[Path, str]]:
-    """(directory, name inside the package) pairs: the whole checkout, or the installed packages."""
-    if root is not None:
-        return [(root, "")]
-    import rlft
-
-    sources = [(Path(rlft.__file__).resolve().parent, "rlft")]
-    try:
-        import envs
-
-        sources.append((Path(envs.__file__).resolve().parent, "envs"))
-    except ImportError:
-        pass
-    return sources
-
-
-def _is_excluded(rel: Path, is_dir: bool, excluded_paths: set[Path]) -> bool:
-    name = rel.name
-    if is_dir and (name in EXCLUDED_DIRS or name.endswith(".egg-info")):
-        return True
-    if is_dir and len(rel.parts) == 1 and name in EXCLUDED_TOP_DIRS:
-        return True
-    if not is_dir and name.endswith(EXCLUDED_SUFFIXES):
-        return True
-    return rel in excluded_paths
-
-
-def build_package(
-    destination: str | os.PathLike,
-    config_name: str,
-    config_text: str,
-    *,
-    root: Path | None = None,
-    exclude: Sequence[str] = (),
-    include: Sequence[str | os.PathLike] = (),
-) -> Path:
-    """Writes the job's working_dir package: the project's files plus `rlft_job/<config_name>`.
-
-    The zip is deterministic (sorted entries, fixed timestamps), so an unchanged project and config
-    give the same package and Ray reuses its cached upload.
-
-    Args:
-        destination: path of the .zip to write.
-        config_name: file name of the config inside `rlft_job/` (e.g. `alpha_sweep.yaml`).
-        config_text: the merged, validated YAML.
-        root: the directory to package (default: the rlft checkout, else the installed rlft/envs packages).
-        exclude: extra paths relative to the root to leave out (e.g. large local data).
-        include: extra local files or directories to add at the package's top level under their names.
-    Returns:
-        The path of the written zip.
-    """
-    destination = Path(destination)
-    sources = _package_sources(root if root is not None else project_root())
-    excluded_paths = {Path(p) for p in exclude}
-    entries: dict[str, Path] = {}
-    for base, prefix in sources:
-        for dirpath, dirnames, filenames in os.walk(base):
-            rel_dir = Path(dirpath).relative_to(base)
-            dirnames[:] = sorted(d for d in dirnames if not _is_excluded(rel_dir / d, True, excluded_paths))
-            for name in filenames:
-                rel = rel_dir / name
-                path = Path(dirpath) / name
-                if _is_excluded(rel, False, excluded_paths) or not path.is_file() or path == destination:
-                    continue
-                entries[str(Path(prefix) / rel)] = path
-    for item in include:
-        item = Path(item).expanduser()
-        if not item.exists():
-            raise JobsError(f"--include {item} does not exist")
-        if item.is_file():
-            entries[item.name] = item
-            continue
-        for dirpath, dirnames, filenames in os.walk(item):
-            dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
-            for name in filenames:
-                path = Path(dirpath) / name
-                entries[str(Path(item.name) / path.relative_to(item))] = path
-    with zipfile.ZipFile(destination, "w", zipfile.ZIP_DEFLATED) as zf:
-        for arcname in sorted(entries):
-            info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = (entries[arcname].stat().st_mode & 0o777 | 0o100000) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, entries[arcname].read_bytes())
-        info = zipfile.ZipInfo(f"{JOB_CONFIG_DIR}/{config_name}", date_time=(1980, 1, 1, 0, 0, 0))
-        info.external_attr = 0o100644 << 16
-        info.compress_type = zipfile.ZIP_DEFLATED
-        zf.writestr(info, config_text)
-    return destination
-
-
 # -- submitting -------------------------------------------------------------------------------------
 
 
@@ -292,9 +179,6 @@ def prepare_config(
     Raises:
         ConfigError: naming the dotted key, the value and the rule.
     """
-    from rlft.config import load_yaml
-    from rlft.run_config import apply_overrides, experiment_from_dict
-
     data = apply_overrides(load_yaml(config), overrides)
     task, run, grid = experiment_from_dict(data)
     header = f"# submitted by `rlft submit` from {os.fspath(config)} (base: chain merged, overrides applied)\n"
@@ -377,7 +261,10 @@ def submit(
         command, stem, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), secrets.token_hex(2)
     )
     with tempfile.TemporaryDirectory(prefix="rlft-submit-") as tmp:
-        package = build_package(Path(tmp) / "rlft_job.zip", f"{stem}.yaml", text, exclude=exclude, include=include)
+        try:
+            package = build_package(Path(tmp) / "rlft_job.zip", f"{stem}.yaml", text, exclude=exclude, include=include)
+        except FileNotFoundError as err:  # an --include that does not exist
+            raise JobsError(str(err)) from None
         size = package.stat().st_size
         if size > WARN_PACKAGE_BYTES:
             log(f"warning: the job package is {size / 1024**2:.0f} MiB (Ray's limit: 500 MiB); leave data out with --exclude")
@@ -400,10 +287,6 @@ def submit(
 
 def _default_storage() -> str:
     """`RunConfig.storage_path`'s default, unexpanded (`~` resolves on the cluster, not here)."""
-    import dataclasses
-
-    from rlft.run_config import RunConfig
-
     return next(f.default for f in dataclasses.fields(RunConfig) if f.name == "storage_path")
 
 
@@ -480,173 +363,3 @@ def exit_code(status: str) -> int:
     if status == "SUCCEEDED":
         return 0
     return 1 if status in TERMINAL_STATES else 124
-
-
-# -- command line -------------------------------------------------------------------------------------
-
-
-def _default_address() -> str | None:
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or (
-        os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http") else None
-    )
-
-
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address", default=_default_address(),
-        help="Jobs API of the cluster, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)",
-    )
-
-
-def _require_address(args) -> str:
-    if not args.address:
-        raise JobsError("--address is required (e.g. --address http://127.0.0.1:8265), or set RAY_API_SERVER_ADDRESS")
-    return args.address.rstrip("/")
-
-
-def _parse_env(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise JobsError(f"--env {item!r} must look like KEY=VALUE")
-        out[key] = value
-    return out
-
-
-def _run_submit(args) -> int:
-    from rlft.run_config import parse_assignments
-
-    address = _require_address(args)
-    submission = submit(
-        args.config, address, sweep=args.sweep, overrides=parse_assignments(args.set),
-        storage_path=args.storage_path, resume=args.resume, pip=args.pip, env=_parse_env(args.env),
-        exclude=args.exclude, include=args.include, submission_id=args.job_id,
-    )
-    result: dict[str, Any] = {
-        "job_id": submission.job_id, "address": address, "command": submission.command,
-        "entrypoint": submission.entrypoint, "storage_path": submission.storage_path,
-        "package_bytes": submission.package_bytes,
-    }
-    code = 0
-    if args.wait:
-        client = connect(address, find_token())
-        finished = stream_logs(client, submission.job_id, sys.stderr if args.json else sys.stdout, args.timeout)
-        status = wait_for_status(client, submission.job_id, timeout=30 if finished else 0)
-        code = exit_code(status)
-        result["status"] = status
-        if code == 124:
-            print(f"rlft submit: stopped waiting after {args.timeout}s; job {submission.job_id} is {status} "
-                  f"(follow it with `rlft jobs logs {submission.job_id} --follow --address {address}`)", file=sys.stderr)
-        else:
-            print(f"rlft submit: job {submission.job_id} {status}; results under {submission.storage_path}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    elif not args.wait:
-        print(submission.job_id)
-    return code
-
-
-def _job_info_dict(info) -> dict[str, Any]:
-    keys = ("submission_id", "status", "message", "entrypoint", "start_time", "end_time", "metadata", "driver_exit_code")
-    out = {k: getattr(info, k, None) for k in keys}
-    out["status"] = str(getattr(out["status"], "value", out["status"]))
-    return out
-
-
-def _run_jobs(args) -> int:
-    address = _require_address(args)
-    client = connect(address, find_token())
-    action = args.jobs_action
-    try:
-        if action == "list":
-            jobs = [_job_info_dict(j) for j in client.list_jobs() if getattr(j, "submission_id", None)]
-            if args.json:
-                print(json.dumps({"jobs": jobs}))
-            else:
-                for j in jobs:
-                    print(f"{j['submission_id']}  {j['status']:<9}  {j['entrypoint']}")
-            return 0
-        if action == "status":
-            info = _job_info_dict(client.get_job_info(args.job_id))
-            if args.json:
-                print(json.dumps(info))
-            else:
-                for key, value in info.items():
-                    print(f"{key}: {value}")
-            return 0
-        if action == "logs":
-            if args.follow:
-                stream_logs(client, args.job_id, sys.stdout, args.timeout)
-            else:
-                sys.stdout.write(client.get_job_logs(args.job_id))
-            return 0
-        if action == "stop":
-            stopped = client.stop_job(args.job_id)
-            status = wait_for_status(client, args.job_id, timeout=args.timeout) if args.wait else None
-            if args.json:
-                print(json.dumps({"job_id": args.job_id, "stop_requested": bool(stopped), "status": status}))
-            else:
-                print(f"job {args.job_id}: " + ("stop requested" if stopped else "already finished")
-                      + (f", now {status}" if status else ""))
-            return 0
-    except RuntimeError as err:  # e.g. "Job ... does not exist" (HTTP 404)
-        raise JobsError(str(err)) from None
-    raise JobsError(f"unknown action {action!r}")
-
-
-def _guard(func):
-    """Turns JobsError into a one-line message on stderr and exit status 1."""
-
-    def run(args) -> int:
-        try:
-            return func(args)
-        except JobsError as err:
-            print(f"rlft {args.command}: {err}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-def register(subparsers) -> None:
-    """Adds `rlft submit` and `rlft jobs {status,logs,stop,list}`."""
-    p = subparsers.add_parser(
-        "submit", help="run `rlft train`/`rlft sweep` on a Ray cluster as a Ray job",
-        description="Validate CONFIG locally, ship it with the project to a Ray cluster and run `rlft train` "
-        "(or `rlft sweep` with --sweep) there. The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
-        "~/.ray/auth_token. Results land in the config's run.storage_path (on a multi-node cluster: s3://, "
-        "gs:// or a shared file system).",
-    )
-    p.add_argument("config", help="experiment YAML (any local file; its base: chain travels merged)")
-    _add_address(p)
-    p.add_argument("--sweep", action="store_true", help="run the config's sweep: grid with `rlft sweep`")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment run.name in storage")
-    p.add_argument("--storage-path", help="override run.storage_path (s3://..., gs://..., or a shared path)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--wait", action="store_true", help="stream the job's logs; exit 0 iff it SUCCEEDED")
-    p.add_argument("--timeout", type=float, default=None, help="with --wait: stop waiting after this many seconds (exit 124)")
-    p.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement for the job (repeatable)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable of the job (repeatable; no secrets)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATH", help="project path to leave out of the package")
-    p.add_argument("--include", action="append", default=[], metavar="PATH", help="extra local file/dir to ship (e.g. your reward module)")
-    p.add_argument("--job-id", help="submission id to use (default: rlft-<command>-<config>-<time>-<hex>)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
-    p.set_defaults(func=_guard(_run_submit))
-
-    j = subparsers.add_parser("jobs", help="status, logs, stop or list Ray jobs on a cluster")
-    actions = j.add_subparsers(dest="jobs_action", metavar="ACTION")
-    for name, help_text in (("status", "show a job's status"), ("logs", "print a job's logs"),
-                            ("stop", "stop a job"), ("list", "list submitted jobs")):
-        a = actions.add_parser(name, help=help_text)
-        if name != "list":
-            a.add_argument("job_id", metavar="ID", help="the submission id printed by `rlft submit`")
-        _add_address(a)
-        a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        if name == "logs":
-            a.add_argument("--follow", action="store_true", help="stream until the job ends")
-        if name in ("logs", "stop"):
-            a.add_argument("--timeout", type=float, default=None, help="seconds to follow/wait at most")
-        if name == "stop":
-            a.add_argument("--wait", action="store_true", help="wait until the job has stopped")
-        a.set_defaults(func=_guard(_run_jobs))
-    j.set_defaults(func=lambda args: j.print_help() or 2)

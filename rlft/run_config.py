@@ -14,9 +14,14 @@
       learner.lr: [1.0e-3, 3.0e-3]
 
 `load_experiment` reads a YAML (following `base:`), applies overrides, validates the task, the `run:`
-and `sweep:` sections, and the reward's and learner's keyword arguments (against their signatures)
-without building a model, a reward or a learner, so `rlft submit` can reject a malformed config before
-it sends anything. Every error names the dotted key, the value, the rule and the fix.
+and `sweep:` sections, the reward's keyword arguments (against its signature) and the learner's typed
+options (`rlft.learners.check_learner_spec`), without building a model, a reward or a learner and
+without importing Ray, so `rlft train` fails before Ray starts and `rlft submit` rejects a malformed
+config before it sends anything. Every error names the dotted key, the value, the rule and the fix.
+
+The run's length and a learner's schedule are one number: a trial's task carries the `run:` section the
+trial loop runs (overrides such as `--iterations` included), and a learner whose schedule depends on the
+number of iterations reads it with `run_config_of(task).iterations`.
 
 Hook for learners that start Ray actors of their own (RLlib): `run_config_of(task)` returns the parsed
 `RunConfig`, whose `num_env_runners`, `num_envs_per_env_runner`, `cpus_per_env_runner`, `num_learners`
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import itertools
 import math
 import os
@@ -38,6 +44,8 @@ from typing import Any, Literal
 import yaml
 
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
+from rlft.learners import check_learner_spec
+from rlft.rewards.base import resolve_reward  # TODO(package A1): registry.resolve("reward", ...) once it moved
 
 #: the logger callbacks `run.loggers` may name (JSON is always written: Tune's results are read from it)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
@@ -245,26 +253,34 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
 
 
 def check_components(task: TaskConfig) -> None:
-    """Checks the reward's and the learner's keyword arguments against their signatures (builds nothing)."""
-    from rlft.learners import resolve_learner
-    from rlft.rewards.base import _is_plain_reward_fn, resolve_reward
+    """Checks the reward's keyword arguments and parses the learner's typed options (builds nothing).
 
-    params = {k: v for k, v in task.reward.items() if k != "type"}
+    The learner section goes through `rlft.learners.check_learner_spec`: `learner.type` is resolved through
+    the registry and the other keys are parsed into the learner's frozen `Options` dataclass, so an unknown
+    key or a bad value fails here, before Ray starts, with its path (`learner.<key>`) in the message.
+    """
+    check_reward_spec(task.reward)
+    check_learner_spec(task.learner)
+
+
+def check_reward_spec(spec: dict[str, Any]) -> None:
+    """Checks a `reward:` mapping's keys against its factory's signature (`model` is filled by rlft)."""
+    params = {k: v for k, v in spec.items() if k != "type"}
     try:
-        factory = resolve_reward(task.reward["type"])
+        factory = resolve_reward(spec["type"])
     except ValueError as err:
         raise ConfigError(f"reward.type: {err}") from None
-    if isinstance(factory, type) or params or not _is_plain_reward_fn(factory):
+    if isinstance(factory, type) or params or not _takes_only_x(factory):
         check_kwargs(factory, params, "reward", {"model": None})
-    spec = dict(task.learner or {"type": "elegant"})
-    name = spec.pop("type", "elegant")
-    if not isinstance(name, str):
-        raise ConfigError(f"learner.type must be a string (got {name!r})")
+
+
+def _takes_only_x(fn: Any) -> bool:
+    """A plain reward function r(x) (wrapped as it is, without keyword arguments)."""
     try:
-        cls = resolve_learner(name)
-    except ImportError as err:
-        raise ConfigError(f"learner.type {name!r}: its module cannot be imported ({err})") from None
-    check_kwargs(cls, spec, "learner", {"task": None, "model": None, "reward": None})
+        required = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
+    except (TypeError, ValueError):
+        return False
+    return len(required) == 1
 
 
 def validate_task(data: dict) -> TaskConfig:
@@ -280,7 +296,8 @@ def parse_run(section: dict | None) -> RunConfig:
 
 
 def run_config_of(task: TaskConfig) -> RunConfig:
-    """The hook learners use to read the run's resources (env runners, learners, GPUs) from their task."""
+    """The hook learners use to read the run's length (`iterations`: what the trial loop runs) and resources
+    (env runners, learners, GPUs) from their task; the defaults when the task has no `run:` section."""
     return parse_run(task.run)
 
 

@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rlft.config import ConfigError
+from rlft.learners import Learner
 from rlft.run_config import (
     RunConfig, SweepGrid, apply_overrides, load_experiment, parse_assignments, parse_run, run_config_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMMY = "tests.test_runner:LinearLearner"
+TYPED = "tests.test_run_config:TypedLearner"
+
+
+@dataclasses.dataclass(frozen=True)
+class TypedOptions:
+    """Options of `TypedLearner`."""
+
+    lr: float = 0.1
+    """Step size (> 0)."""
+    batch_size: int = 8
+    """Samples per step."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"learner.lr must be > 0 (got {self.lr}); use e.g. lr: 1.0e-3")
+
+
+class TypedLearner(Learner):
+    """A learner with typed options, only parsed here (never built)."""
+
+    Options = TypedOptions
 
 
 def _task(**extra) -> dict:
@@ -62,16 +88,62 @@ def test_run_errors_name_the_key(tmp_path, run, message):
 
 
 def test_learner_and_reward_arguments_are_checked_without_building(tmp_path):
+    # a learner without an Options dataclass: its constructor's keyword arguments
     with pytest.raises(ConfigError, match=r"learner\.lrr is not a parameter of LinearLearner"):
         _load(tmp_path, _task(learner={"type": DUMMY, "lrr": 0.1}))
     with pytest.raises(ConfigError, match=r"learner\.lr must be a number"):
         _load(tmp_path, _task(learner={"type": DUMMY, "lr": "fast"}))
-    with pytest.raises(ConfigError, match=r"learner\.type 'nope' is not a known learner"):
+    # a learner with typed options: parsed into them, errors name the key, the value and the rule
+    with pytest.raises(ConfigError, match=r"learner\.lrr is not a known key; valid keys here: \['batch_size', 'lr'\]"):
+        _load(tmp_path, _task(learner={"type": TYPED, "lrr": 0.1}))
+    with pytest.raises(ConfigError, match=r"learner\.batch_size must be an integer \(got 'many'\)"):
+        _load(tmp_path, _task(learner={"type": TYPED, "batch_size": "many"}))
+    with pytest.raises(ConfigError, match=r"learner\.lr must be > 0 \(got -1\.0\); use e\.g\. lr"):
+        _load(tmp_path, _task(learner={"type": TYPED, "lr": -1.0}))
+    _load(tmp_path, _task(learner={"type": TYPED, "lr": 0.5}))
+    with pytest.raises(ConfigError, match=r"learner\.type: learner type 'nope' is not known; choose one of \[.*'elegant'"):
         _load(tmp_path, _task(learner={"type": "nope"}))
-    with pytest.raises(ConfigError, match=r"learner\.type 'no_such_module:X' cannot be imported"):
+    with pytest.raises(ConfigError, match=r"learner\.type: .*'no_such_module:X'.*cannot be imported"):
         _load(tmp_path, _task(learner={"type": "no_such_module:X"}))
     with pytest.raises(ConfigError, match=r"reward\.centre is not a parameter"):
         _load(tmp_path, _task(reward={"type": "quadratic", "centre": [1.0, 1.0]}))
+
+
+def test_learner_section_errors_come_before_ray_is_imported(tmp_path):
+    """`load_experiment` (what `rlft train` and `rlft submit` run first) rejects a bad learner key or value
+    with its path, in a process that has not imported Ray."""
+    cases = {
+        "typed_key": _task(learner={"type": TYPED, "lrr": 0.1}),
+        "typed_value": _task(learner={"type": TYPED, "lr": "fast"}),
+        "elegant_key": _task(learner={"type": "elegant", "lrr": 0.1}),
+        "good": _task(learner={"type": TYPED}),
+    }
+    paths = {}
+    for name, data in cases.items():
+        paths[name] = str(tmp_path / f"{name}.yaml")
+        Path(paths[name]).write_text(yaml.safe_dump(data))
+    script = (
+        "import json, sys\n"
+        "from rlft.config import ConfigError\n"
+        "from rlft.run_config import load_experiment\n"
+        "out = {}\n"
+        f"for name, path in {paths!r}.items():\n"
+        "    try:\n"
+        "        load_experiment(path)\n"
+        "        out[name] = 'ok'\n"
+        "    except ConfigError as err:\n"
+        "        out[name] = str(err)\n"
+        "out['ray_imported'] = any(m == 'ray' or m.startswith('ray.') for m in sys.modules)\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["typed_key"].startswith("learner.lrr is not a known key")
+    assert out["typed_value"].startswith("learner.lr must be a number")
+    assert "learner.lrr" in out["elegant_key"]
+    assert out["good"] == "ok" and out["ray_imported"] is False
 
 
 def test_sweep_grid_alpha_first_and_combinations(tmp_path):
@@ -113,6 +185,7 @@ def test_overrides_and_set_assignments(tmp_path):
         apply_overrides({"alpha": 1.0}, {"alpha.x": 2})
     task, run, _ = _load(tmp_path, _task(), {"run.iterations": 7, "alpha": 0.5})
     assert run.iterations == 7 and task.alpha == 0.5
+    assert run_config_of(task).iterations == 7  # the task carries the overridden run: what learners read
 
 
 def test_resource_bundles_match_rllib_for_the_same_settings():
@@ -130,13 +203,13 @@ def test_resource_bundles_match_rllib_for_the_same_settings():
 
 
 def test_optional_logger_missing_package_is_a_clear_error():
-    from rlft.runner import _callbacks
+    from rlft.run.tune import callbacks
 
     for package in ("mlflow", "wandb"):
         if importlib.util.find_spec(package) is not None:
             continue
         with pytest.raises(ConfigError, match=rf"run\.loggers includes '{package}' but the {package} package is not installed"):
-            _callbacks(parse_run({"loggers": ["csv", package]}), "exp")
+            callbacks(parse_run({"loggers": ["csv", package]}), "exp")
 
 
 def test_shipped_tune_configs_are_valid():

@@ -8,6 +8,8 @@ Ray's workers import it too.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,23 +18,29 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from rlft import cli
+from rlft.checkpoint import CheckpointError, load_tensors, save_tensors
 from rlft.config import task_from_dict
-from rlft.control.elegant import ElegantLearner
-from rlft.learners import Learner
+from rlft.learners import Learner, build_learner
 from rlft.models import build_model
 from rlft.rewards import build_reward, evaluate
-from rlft.runner import (
-    LEARNER_DIR, STATE_FILE, read_checkpoint_state, write_checkpoint,
+from rlft.run.keys import (
+    CHECKPOINT_PATH, CONFIG, DIVERSITY, ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, ERROR, ERRORED, EVAL_ITERATION,
+    EXPERIMENT_FILE, EXPERIMENT_PATH, GAP_CLOSURE, GRID, HISTORY_PATH, ITERATION, KL, LAST_EVAL, LEARNER_DIR,
+    MANIFEST, NUM_ERRORS, NUM_TRIALS, OBJECTIVE, OPTIMAL_KL, OPTIMAL_OBJECTIVE, OPTIMAL_REWARD, PARETO, PLOTS,
+    PRETRAINED, RESULTS_FILE, REWARD, REWARD_QUERIES, SAMPLES, STATE_FILE, STATUS, TERMINATED, TRAIN, TRIALS,
+    TRIAL_HISTORY_FILE, TRIAL_PATH, WALL_TIME,
 )
+from rlft.run.trial import TRIAL_FORMAT, TRIAL_VERSION, _restore, read_checkpoint_state, write_checkpoint
+from rlft.run_config import run_config_of
 from rlft.sampling import rollout
 
 DUMMY = "tests.test_runner:LinearLearner"
-STANDARD_KEYS = {"reward", "kl", "objective", "optimal_objective", "gap_closure", "diversity",
-                 "energy_distance", "energy_distance_floor", "pretrained"}
-ROW_KEYS = STANDARD_KEYS | {"iteration", "reward_queries", "wall_time", "eval_iteration"}
+STANDARD_KEYS = {REWARD, KL, OBJECTIVE, OPTIMAL_OBJECTIVE, GAP_CLOSURE, DIVERSITY, ENERGY_DISTANCE,
+                 ENERGY_DISTANCE_FLOOR, PRETRAINED}
+ROW_KEYS = STANDARD_KEYS | {ITERATION, REWARD_QUERIES, WALL_TIME, EVAL_ITERATION}
+RUN_ITERATIONS = "run_iterations"  # LinearLearner's metric: run_config_of(task).iterations as the learner saw it
 
 
 class LinearLearner(Learner):
@@ -74,17 +82,18 @@ class LinearLearner(Learner):
         self.opt.step()
         self.iteration += 1
         self.reward_queries += self.batch_size
-        return {"loss": float(loss.detach()), "theta_norm": torch.linalg.norm(self.theta.detach())}
+        return {"loss": float(loss.detach()), "theta_norm": torch.linalg.norm(self.theta.detach()),
+                RUN_ITERATIONS: run_config_of(self.task).iterations}
 
     def save_checkpoint(self, directory: str) -> None:
         st = self.opt.state[self.theta]
-        save_file({"theta": self.theta.detach(), "m": st["exp_avg"], "v": st["exp_avg_sq"]},
-                  os.path.join(directory, "linear.safetensors"))
+        save_tensors(os.path.join(directory, "linear.safetensors"),
+                     {"theta": self.theta, "m": st["exp_avg"], "v": st["exp_avg_sq"]})
         state = {"iteration": self.iteration, "reward_queries": self.reward_queries, "step": float(st["step"])}
         Path(directory, "state.json").write_text(json.dumps(state))
 
     def load_checkpoint(self, directory: str) -> None:
-        tensors = load_file(os.path.join(directory, "linear.safetensors"))
+        tensors = load_tensors(os.path.join(directory, "linear.safetensors"))
         state = json.loads(Path(directory, "state.json").read_text())
         with torch.no_grad():
             self.theta.copy_(tensors["theta"])
@@ -117,8 +126,6 @@ def _rows(trial_path: str, name: str = "result.json") -> list[dict]:
 
 def _build(task_data: dict) -> Learner:
     """The learner task_data names (LinearLearner unless its learner.type says otherwise), built in this process."""
-    from rlft.learners import build_learner
-
     task = task_from_dict(task_data)
     model = build_model(task.model, task.num_steps)
     return build_learner(task, model, build_reward(task.reward, model=model))
@@ -132,19 +139,75 @@ def test_checkpoint_manifest_refuses_a_damaged_copy(tmp_path):
     learner.train_iteration()
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    write_checkpoint(str(ckpt), learner, {"iteration": 1, "reward_queries": 64}, history=[{"iteration": 1}])
-    assert read_checkpoint_state(str(ckpt))["iteration"] == 1
-    assert set(read_checkpoint_state(str(ckpt))["manifest"]) == {
-        "history.jsonl", "learner/linear.safetensors", "learner/state.json"}
+    write_checkpoint(str(ckpt), learner, {ITERATION: 1, REWARD_QUERIES: 64}, history=[{ITERATION: 1}])
+    state = read_checkpoint_state(str(ckpt))
+    assert state[ITERATION] == 1 and (state["format"], state["version"]) == (TRIAL_FORMAT, TRIAL_VERSION)
+    assert set(state[MANIFEST]) == {"history.jsonl", "learner/linear.safetensors", "learner/state.json"}
     weights = ckpt / LEARNER_DIR / "linear.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one flipped byte in the weights
     weights.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="linear.safetensors is missing or differs"):
+    with pytest.raises(CheckpointError, match="linear.safetensors is missing or differs"):
         read_checkpoint_state(str(ckpt))
     (ckpt / STATE_FILE).unlink()  # a copy interrupted before the state file (written last) arrived
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         read_checkpoint_state(str(ckpt))
+
+
+class _TuneCheckpoint:
+    """What `ray.tune.get_checkpoint()` returns, for `_restore` without Ray: a directory."""
+
+    def __init__(self, directory) -> None:
+        self.directory = str(directory)
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.directory
+
+
+def _version0_checkpoint(directory: Path, learner: Learner, history: list[dict]) -> None:
+    """A trial checkpoint as rlft wrote it before rlft_state.json named its format (layout "version 0")."""
+    import hashlib
+
+    (directory / LEARNER_DIR).mkdir(parents=True)
+    learner.save_checkpoint(str(directory / LEARNER_DIR))
+    (directory / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    manifest = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        manifest[str(path.relative_to(directory))] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    state = {ITERATION: learner.iteration, REWARD_QUERIES: learner.reward_queries, WALL_TIME: 1.5,
+             LAST_EVAL: {REWARD: 0.25}, MANIFEST: manifest}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def test_a_checkpoint_written_before_the_format_version_still_restores(tmp_path):
+    old = _build(_task_dict(tmp_path))
+    for _ in range(2):
+        old.train_iteration()
+    rows = [{ITERATION: 1}, {ITERATION: 2}]
+    _version0_checkpoint(tmp_path / "v0", old, rows)
+    fresh = _build(_task_dict(tmp_path))
+    state, history = _restore(fresh, _TuneCheckpoint(tmp_path / "v0"), "test")
+    assert state[ITERATION] == 2 and state[LAST_EVAL] == {REWARD: 0.25} and history == rows
+    assert fresh.iteration == 2 and fresh.reward_queries == 2 * 64 and torch.equal(fresh.theta, old.theta)
+    # the manifest of a version-0 checkpoint is checked as before
+    (tmp_path / "v0" / "history.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="history.jsonl is missing or differs"):
+        read_checkpoint_state(str(tmp_path / "v0"))
+
+
+def test_a_checkpoint_of_a_newer_version_is_refused_with_what_to_do(tmp_path):
+    learner = _build(_task_dict(tmp_path))
+    learner.train_iteration()
+    write_checkpoint(str(tmp_path), learner, {ITERATION: 1, REWARD_QUERIES: 64})
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    (tmp_path / STATE_FILE).write_text(json.dumps({**state, "version": TRIAL_VERSION + 1}))
+    with pytest.raises(CheckpointError, match=rf"written by {TRIAL_FORMAT} version {TRIAL_VERSION + 1}.*upgrade rlft"):
+        _restore(_build(_task_dict(tmp_path)), _TuneCheckpoint(tmp_path), "test")
+    (tmp_path / STATE_FILE).write_text(json.dumps({**state, "format": "rlft_other"}))
+    with pytest.raises(CheckpointError, match="is a 'rlft_other' checkpoint"):
+        read_checkpoint_state(str(tmp_path))
 
 
 def test_dummy_learner_checkpoint_round_trip(tmp_path):
@@ -173,32 +236,34 @@ def test_train_survives_a_killed_trial_and_reports_standard_figures(ray_session,
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     out = json.loads(captured.out)  # stdout holds exactly one JSON object
-    assert STANDARD_KEYS <= set(out) and out["status"] == "TERMINATED" and out["iteration"] == 4
-    assert out["reward_queries"] == 4 * 64 and out["eval_iteration"] == 4 and out["config"] == {}
-    assert set(out["pretrained"]) >= {"reward", "kl", "objective"} and out["pretrained"]["kl"] == 0.0
-    assert out["objective"] == pytest.approx(out["reward"] - 1.0 * out["kl"], rel=1e-9, abs=1e-12)
-    assert Path(out["plots"]["samples"]).is_file() and Path(out["plots"]["samples"]).stat().st_size > 1000
-    assert json.loads(Path(out["experiment_path"], "rlft_results.json").read_text())["reward"] == out["reward"]
+    assert STANDARD_KEYS <= set(out) and out[STATUS] == TERMINATED and out[ITERATION] == 4
+    assert out[REWARD_QUERIES] == 4 * 64 and out[EVAL_ITERATION] == 4 and out[CONFIG] == {}
+    assert set(out[PRETRAINED]) >= {REWARD, KL, OBJECTIVE} and out[PRETRAINED][KL] == 0.0
+    assert out[OBJECTIVE] == pytest.approx(out[REWARD] - 1.0 * out[KL], rel=1e-9, abs=1e-12)
+    assert Path(out[PLOTS][SAMPLES]).is_file() and Path(out[PLOTS][SAMPLES]).stat().st_size > 1000
+    assert json.loads(Path(out[EXPERIMENT_PATH], RESULTS_FILE).read_text())[REWARD] == out[REWARD]
     # every iteration reported once, each row with the standard figures (first row evaluated too)
     assert (tmp_path / "killed").is_file()
-    rows = _rows(out["trial_path"])
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    rows = _rows(out[TRIAL_PATH])
+    assert [r[ITERATION] for r in rows] == [1, 2, 3, 4]
     assert [r["iterations_since_restore"] for r in rows] == [1, 2, 1, 2]  # 3 and 4 ran after the restart
-    assert out["history_path"] == str(Path(out["trial_path"], "rlft_history.jsonl"))
-    history = _rows(out["trial_path"], "rlft_history.jsonl")
-    assert [r["iteration"] for r in history] == [1, 2, 3, 4]
-    assert [r["reward"] for r in history] == [r["reward"] for r in rows]
-    assert all(ROW_KEYS <= set(r) and "loss" in r["train"] for r in rows)
-    assert [r["eval_iteration"] for r in rows] == [1, 2, 2, 4]
-    assert Path(out["trial_path"], "progress.csv").is_file()
-    assert any(p.name.startswith("events.out.tfevents") for p in Path(out["trial_path"]).iterdir())
+    assert out[HISTORY_PATH] == str(Path(out[TRIAL_PATH], TRIAL_HISTORY_FILE))
+    history = _rows(out[TRIAL_PATH], TRIAL_HISTORY_FILE)
+    assert [r[ITERATION] for r in history] == [1, 2, 3, 4]
+    assert [r[REWARD] for r in history] == [r[REWARD] for r in rows]
+    assert all(ROW_KEYS <= set(r) and "loss" in r[TRAIN] for r in rows)
+    assert [r[EVAL_ITERATION] for r in rows] == [1, 2, 2, 4]
+    # the learner saw the run length the loop ran (--iterations 4, not the file's 5), before and after the restart
+    assert [r[TRAIN][RUN_ITERATIONS] for r in rows] == [4, 4, 4, 4]
+    assert Path(out[TRIAL_PATH], "progress.csv").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in Path(out[TRIAL_PATH]).iterdir())
     # the reported figures are the learner's evaluate() of the final checkpoint (same seed, same numbers)
     learner = _build({**data, "learner": {"type": DUMMY}})
-    learner.load_checkpoint(os.path.join(out["checkpoint_path"], LEARNER_DIR))
+    learner.load_checkpoint(os.path.join(out[CHECKPOINT_PATH], LEARNER_DIR))
     again = learner.evaluate(num_samples=200)
     assert learner.iteration == 4
-    assert again["reward"] == pytest.approx(out["reward"], rel=1e-6)
-    assert again["kl"] == pytest.approx(out["kl"], rel=1e-6)
+    assert again[REWARD] == pytest.approx(out[REWARD], rel=1e-6)
+    assert again[KL] == pytest.approx(out[KL], rel=1e-6)
 
 
 @pytest.mark.ray
@@ -211,46 +276,50 @@ def test_sweep_fails_mid_run_and_resume_finishes_from_checkpoints(ray_session, t
 
     code = cli.main(["sweep", config, "--json"])
     first = json.loads(capsys.readouterr().out)
-    assert code == 1 and first["num_errors"] == 2
-    assert [t["config"] for t in first["trials"]] == [{"alpha": 0.5}, {"alpha": 2.0}]
-    for t in first["trials"]:
-        assert t["status"] == "ERROR" and "injected failure" in t["error"]
-        assert [r["iteration"] for r in _rows(t["trial_path"])] == [1, 2]  # reported with the checkpoint at 2
-        assert [r["iteration"] for r in _rows(t["trial_path"], "rlft_history.jsonl")] == [1, 2]
+    assert code == 1 and first[NUM_ERRORS] == 2
+    assert [t[CONFIG] for t in first[TRIALS]] == [{"alpha": 0.5}, {"alpha": 2.0}]
+    for t in first[TRIALS]:
+        assert t[STATUS] == ERRORED and "injected failure" in t[ERROR]
+        assert [r[ITERATION] for r in _rows(t[TRIAL_PATH])] == [1, 2]  # reported with the checkpoint at 2
+        assert [r[ITERATION] for r in _rows(t[TRIAL_PATH], TRIAL_HISTORY_FILE)] == [1, 2]
 
     code = cli.main(["sweep", config, "--json", "--resume"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     out = json.loads(captured.out)
-    assert out["num_trials"] == 2 and out["num_errors"] == 0 and out["grid"] == {"alpha": [0.5, 2.0]}
-    assert [t["config"] for t in out["trials"]] == [{"alpha": 0.5}, {"alpha": 2.0}]
-    for t in out["trials"]:
-        assert t["status"] == "TERMINATED" and t["iteration"] == 5 and STANDARD_KEYS <= set(t)
-        rows = _rows(t["trial_path"])
-        assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]  # after the checkpoint once, none lost before
+    assert out[NUM_TRIALS] == 2 and out[NUM_ERRORS] == 0 and out[GRID] == {"alpha": [0.5, 2.0]}
+    assert [t[CONFIG] for t in out[TRIALS]] == [{"alpha": 0.5}, {"alpha": 2.0}]
+    for t in out[TRIALS]:
+        assert t[STATUS] == TERMINATED and t[ITERATION] == 5 and STANDARD_KEYS <= set(t)
+        rows = _rows(t[TRIAL_PATH])
+        assert [r[ITERATION] for r in rows] == [1, 2, 3, 4, 5]  # after the checkpoint once, none lost before
         assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4, 5]
-        assert [r["iteration"] for r in _rows(t["trial_path"], "rlft_history.jsonl")] == [1, 2, 3, 4, 5]
+        assert [r[ITERATION] for r in _rows(t[TRIAL_PATH], TRIAL_HISTORY_FILE)] == [1, 2, 3, 4, 5]
         assert rows[2]["iterations_since_restore"] == 1  # iteration 3 ran in the restored process
-        assert t["reward_queries"] == 5 * 64
-        assert t["optimal_kl"] > 0 and t["optimal_reward"] > t["pretrained"]["reward"]
-    for key in ("pareto", "samples"):
-        assert Path(out["plots"][key]).is_file()
-    assert Path(out["experiment_path"], "rlft_experiment.json").is_file()
+        assert t[REWARD_QUERIES] == 5 * 64
+        assert t[OPTIMAL_KL] > 0 and t[OPTIMAL_REWARD] > t[PRETRAINED][REWARD]
+    for key in (PARETO, SAMPLES):
+        assert Path(out[PLOTS][key]).is_file()
+    assert Path(out[EXPERIMENT_PATH], EXPERIMENT_FILE).is_file()
 
 
 def test_storage_helpers_on_a_uri_and_a_local_path(tmp_path):
     """Cloud storage goes through pyarrow.fs; file:// exercises the same code path as s3:// or gs://."""
-    from rlft.runner import _exists, _join, _list_dirs, _read_bytes, _uri, _write_bytes
+    from rlft.run.storage import exists, join, list_dirs, read_bytes, uri, write_bytes
 
     for root in (f"file://{tmp_path}/uri", str(tmp_path / "local")):
-        target = _join(root, "exp_1", "rlft_results.json")
-        assert not _exists(_join(root, "exp_1")) and _list_dirs(root) == []
-        _write_bytes(target, b'{"a": 1}')
-        _write_bytes(target, b'{"a": 2}')  # replaced whole
-        assert _read_bytes(target) == b'{"a": 2}' and _exists(_join(root, "exp_1"))
-        assert _list_dirs(root) == ["exp_1"]
-    assert _uri("/x/trial", "file:///x") == "file:///x/trial" and _uri("b/p/t", "s3://b/p") == "s3://b/p/t"
-    assert _uri("/x/trial", "/x") == "/x/trial"
+        target = join(root, "exp_1", RESULTS_FILE)
+        assert not exists(join(root, "exp_1")) and list_dirs(root) == []
+        write_bytes(target, b'{"a": 1}')
+        write_bytes(target, b'{"a": 2}')  # replaced whole
+        assert read_bytes(target) == b'{"a": 2}' and exists(join(root, "exp_1"))
+        assert list_dirs(root) == ["exp_1"]
+    assert uri("/x/trial", "file:///x") == "file:///x/trial" and uri("b/p/t", "s3://b/p") == "s3://b/p/t"
+    assert uri("/x/trial", "/x") == "/x/trial"
+
+
+TINY_ELEGANT = {"batch_size": 32, "drift_iterations_per_train_iteration": 2, "hidden": 16, "depth": 1, "init_steps": 5,
+                "init_iterations": 10, "init_batch_size": 64, "value_starts": 64, "value_rollouts": 2, "value_iterations": 20}
 
 
 @pytest.mark.ray
@@ -258,42 +327,55 @@ def test_storage_helpers_on_a_uri_and_a_local_path(tmp_path):
 @pytest.mark.timeout(300)
 def test_elegant_learner_runs_and_resumes_under_the_runner(ray_session, tmp_path, capsys):
     """Smoke test with the real ELEGANT learner (tiny budgets): train, then --resume a finished run."""
-    pytest.importorskip("rlft.control.elegant")
-    tiny = {"type": "elegant", "batch_size": 32, "drift_iterations_per_train_iteration": 2, "hidden": 16,
-            "depth": 1, "init_steps": 5, "init_iterations": 10, "init_batch_size": 64, "value_starts": 64,
-            "value_rollouts": 2, "value_iterations": 20}
-    data = {**_task_dict(tmp_path), "learner": tiny}
+    data = {**_task_dict(tmp_path), "learner": {"type": "elegant", **TINY_ELEGANT}}
     data["run"].update(name="elegant_smoke", iterations=3)
     config = _write(tmp_path, data, "elegant.yaml")
     code = cli.main(["train", config, "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     out = json.loads(captured.out)
-    assert out["iteration"] == 3 and STANDARD_KEYS <= set(out) and out["kl"] > 0
-    assert [r["iteration"] for r in _rows(out["trial_path"])] == [1, 2, 3]
-    assert Path(out["plots"]["samples"]).is_file()
+    assert out[ITERATION] == 3 and STANDARD_KEYS <= set(out) and out[KL] > 0
+    assert [r[ITERATION] for r in _rows(out[TRIAL_PATH])] == [1, 2, 3]
+    assert Path(out[PLOTS][SAMPLES]).is_file()
     assert cli.main(["train", config, "--json", "--resume"]) == 0  # nothing left to do: same result
     again = json.loads(capsys.readouterr().out)
-    assert again["iteration"] == 3 and again["reward"] == out["reward"]
+    assert again[ITERATION] == 3 and again[REWARD] == out[REWARD]
 
 
-class FailingElegant(ElegantLearner):
-    """The real ELEGANT learner, whose first attempt at iteration `fail_at` raises (marker file as above)."""
+class FailingElegant(Learner):
+    """The real ELEGANT learner (`inner`, built through the registry with the other keys as its options),
+    whose first attempt at iteration `fail_at` raises (marker file as above)."""
 
     def __init__(self, task, model, reward, fail_at: int = 0, fail_marker: str = "", **options) -> None:
-        super().__init__(task, model, reward, **options)
+        self.inner = build_learner(dataclasses.replace(task, learner={"type": "elegant", **options}), model, reward)
+        super().__init__(task, model, reward)
         self.fail_at, self.fail_marker = fail_at, fail_marker
+
+    iteration = property(lambda self: self.inner.iteration, lambda self, v: setattr(self.inner, "iteration", v))
+    reward_queries = property(lambda self: self.inner.reward_queries,
+                              lambda self, v: setattr(self.inner, "reward_queries", v))
 
     def train_iteration(self) -> dict[str, float]:
         marker = Path(self.fail_marker.format(alpha=self.task.alpha)) if self.fail_marker else None
         if self.fail_at and self.iteration + 1 == self.fail_at and not marker.exists():
             marker.write_text("failed once")
             raise RuntimeError(f"injected failure at iteration {self.fail_at}")
-        return super().train_iteration()
+        return self.inner.train_iteration()
 
+    def control(self):
+        return self.inner.control()
 
-TINY_ELEGANT = {"batch_size": 32, "drift_iterations_per_train_iteration": 2, "hidden": 16, "depth": 1, "init_steps": 5,
-                "init_iterations": 10, "init_batch_size": 64, "value_starts": 64, "value_rollouts": 2, "value_iterations": 20}
+    def init_dist(self):
+        return self.inner.init_dist()
+
+    def evaluate(self, *args, **kwargs):
+        return self.inner.evaluate(*args, **kwargs)
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.inner.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.inner.load_checkpoint(directory)
 
 
 @pytest.mark.ray
@@ -309,22 +391,22 @@ def test_elegant_alpha_sweep_is_interrupted_and_restored_to_the_uninterrupted_le
     config = _write(tmp_path, data, "sweep.yaml")
     code = cli.main(["sweep", config, "--json"])
     first = json.loads(capsys.readouterr().out)
-    assert code == 1 and first["num_errors"] == 2
+    assert code == 1 and first[NUM_ERRORS] == 2
     code = cli.main(["sweep", config, "--json", "--resume"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     out = json.loads(captured.out)
-    assert [t["config"] for t in out["trials"]] == [{"alpha": 0.5}, {"alpha": 2.0}] and out["num_errors"] == 0
-    for trial in out["trials"]:
-        assert trial["status"] == "TERMINATED" and trial["iteration"] == 4 and STANDARD_KEYS <= set(trial)
-        rows = _rows(trial["trial_path"])
-        assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and rows[2]["iterations_since_restore"] == 1
+    assert [t[CONFIG] for t in out[TRIALS]] == [{"alpha": 0.5}, {"alpha": 2.0}] and out[NUM_ERRORS] == 0
+    for trial in out[TRIALS]:
+        assert trial[STATUS] == TERMINATED and trial[ITERATION] == 4 and STANDARD_KEYS <= set(trial)
+        rows = _rows(trial[TRIAL_PATH])
+        assert [r[ITERATION] for r in rows] == [1, 2, 3, 4] and rows[2]["iterations_since_restore"] == 1
         # the newest checkpoint against the same learner trained 4 iterations in one go
-        newest = sorted(Path(trial["trial_path"]).glob("checkpoint_*"))[-1]
-        assert read_checkpoint_state(str(newest))["iteration"] == 4
-        task_data = {**data, "alpha": trial["config"]["alpha"], "learner": {**data["learner"], "fail_at": 0}}
+        newest = sorted(Path(trial[TRIAL_PATH]).glob("checkpoint_*"))[-1]
+        assert read_checkpoint_state(str(newest))[ITERATION] == 4
+        task_data = {**data, "alpha": trial[CONFIG]["alpha"], "learner": {**data["learner"], "fail_at": 0}}
         task_data.pop("sweep"), task_data.pop("run")
-        restored, reference = _build(task_data), _build(task_data)
+        restored, reference = _build(task_data).inner, _build(task_data).inner
         restored.load_checkpoint(str(newest / LEARNER_DIR))
         for _ in range(4):
             reference.train_iteration()
@@ -335,4 +417,4 @@ def test_elegant_alpha_sweep_is_interrupted_and_restored_to_the_uninterrupted_le
         gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
         torch.testing.assert_close(rollout(restored.model, x0, restored.control(), generator=gen()).x,
                                    rollout(reference.model, x0, reference.control(), generator=gen()).x)
-    assert Path(out["plots"]["pareto"]).is_file()
+    assert Path(out[PLOTS][PARETO]).is_file()

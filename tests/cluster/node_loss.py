@@ -38,7 +38,7 @@ def main(out: str) -> int:
     from ray.cluster_utils import Cluster
 
     from rlft.run_config import experiment_from_dict
-    from rlft.runner import run_experiment
+    from rlft.run.tune import run_experiment
 
     env = {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

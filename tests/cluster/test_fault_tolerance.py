@@ -28,8 +28,12 @@ import psutil
 import pytest
 
 from rlft import cli
+from rlft.checkpoint import CheckpointError
+from rlft.run.keys import MANIFEST, STATE_FILE
+from rlft.run.storage import atomic_write
+from rlft.run.trial import read_checkpoint_state, write_checkpoint
+from rlft.run.tune import run_experiment
 from rlft.run_config import experiment_from_dict
-from rlft.runner import STATE_FILE, _atomic_write, read_checkpoint_state, run_experiment, write_checkpoint
 from tests.cluster.faulty import ROOT, experiment, theta_after, write_yaml
 
 pytestmark = pytest.mark.timeout(300)
@@ -283,28 +287,28 @@ def test_kill_while_writing_a_checkpoint_never_leaves_one_that_loads(tmp_path):
     state = {"iteration": 3, "reward_queries": 3, "wall_time": 0.0}
     assert in_child(lambda: write_checkpoint(str(torn), learner, state)) == -signal.SIGKILL
     assert (torn / "learner" / "counting.json").exists() and not (torn / STATE_FILE).exists()
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         read_checkpoint_state(str(torn))
 
     learner.kill_in_save = False
     write_checkpoint(str(whole), learner, state)
-    assert read_checkpoint_state(str(whole))["manifest"].keys() == {"learner/counting.json"}
+    assert read_checkpoint_state(str(whole))[MANIFEST].keys() == {"learner/counting.json"}
     # a copy cut short (as by a kill during Tune's upload): the state file is there, a learner file is not whole
     cut = tmp_path / "cut"
     (cut / "learner").mkdir(parents=True)
     (cut / STATE_FILE).write_bytes((whole / STATE_FILE).read_bytes())
     (cut / "learner" / "counting.json").write_bytes((whole / "learner" / "counting.json").read_bytes()[:10])
-    with pytest.raises(RuntimeError, match="differs"):
+    with pytest.raises(CheckpointError, match="differs"):
         read_checkpoint_state(str(cut))
 
 
 def test_kill_between_write_and_rename_keeps_the_previous_file(tmp_path):
     target = tmp_path / "rlft_state.json"
-    _atomic_write(str(target), b'{"iteration": 1}')
+    atomic_write(str(target), b'{"iteration": 1}')
 
     def die_before_rename() -> None:
         os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # only in the child
-        _atomic_write(str(target), b'{"iteration": 2}')
+        atomic_write(str(target), b'{"iteration": 2}')
 
     assert in_child(die_before_rename) == -signal.SIGKILL
     assert json.loads(target.read_text()) == {"iteration": 1}  # never half of the new one

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlft import cli, jobs
+from rlft.run.package import build_package
 from tests.cluster.faulty import experiment, theta_after, write_yaml
 
 pytestmark = pytest.mark.timeout(300)
@@ -73,13 +74,13 @@ def test_package_holds_the_project_and_the_merged_config_not_caches(tmp_path):
     write_yaml(tmp_path / "child.yaml", {"base": "base.yaml", "alpha": 0.7})
     text, data, task, run, grid = jobs.prepare_config(tmp_path / "child.yaml", {"run.iterations": 3})
     assert base.exists() and task.alpha == 0.7 and run.iterations == 3 and "base" not in data
-    package = jobs.build_package(tmp_path / "job.zip", "child.yaml", text)
+    package = build_package(tmp_path / "job.zip", "child.yaml", text)
     names = set(zipfile.ZipFile(package).namelist())
     assert {"rlft/jobs.py", "rlft/cli.py", "pyproject.toml", "tests/cluster/faulty.py", "rlft_job/child.yaml"} <= names
     assert not any(part in {".git", ".venv", "__pycache__", "runs"} for n in names for part in Path(n).parts)
     shipped = zipfile.ZipFile(package).read("rlft_job/child.yaml").decode()
     assert "alpha: 0.7" in shipped and "iterations: 3" in shipped  # the base chain and overrides travel merged
-    again = jobs.build_package(tmp_path / "again.zip", "child.yaml", text)
+    again = build_package(tmp_path / "again.zip", "child.yaml", text)
     assert package.read_bytes() == again.read_bytes()  # deterministic: Ray reuses the cached upload
 
 
@@ -190,9 +191,9 @@ def test_runs_log_tensorboard_and_csv_by_default_and_optional_loggers_fail_clear
 
     from rlft.config import ConfigError
     from rlft.run_config import parse_run
-    from rlft.runner import _callbacks
+    from rlft.run.tune import callbacks as tune_callbacks
 
-    callbacks = _callbacks(parse_run({}), "exp")  # run.loggers defaults to [tensorboard, csv]
+    callbacks = tune_callbacks(parse_run({}), "exp")  # run.loggers defaults to [tensorboard, csv]
     # the JSON logger is the runner's subclass that keeps the local result.json on trial restarts
     expected = [JsonLoggerCallback, TBXLoggerCallback, CSVLoggerCallback]
     assert len(callbacks) == 3 and all(isinstance(c, k) for c, k in zip(callbacks, expected))
@@ -200,6 +201,6 @@ def test_runs_log_tensorboard_and_csv_by_default_and_optional_loggers_fail_clear
         run = parse_run({"loggers": ["csv", name]})
         if importlib.util.find_spec(name) is None:  # not installed here: the error says how to get it
             with pytest.raises(ConfigError, match=rf"pip install 'rlft\[{extra}\]'"):
-                _callbacks(run, "exp")
+                tune_callbacks(run, "exp")
         else:
-            assert len(_callbacks(run, "exp")) == 3
+            assert len(tune_callbacks(run, "exp")) == 3

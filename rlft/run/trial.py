@@ -1,0 +1,257 @@
+"""One trial of `rlft train` / `rlft sweep`: build, restore, train, evaluate, report, checkpoint.
+
+`trial_main` is the Tune function trainable. It
+    1. builds the trial's task (the base task with the trial's grid values; its `run:` section is the one the
+       loop runs, so a learner reading `rlft.run_config.run_config_of(task).iterations` sees the same number),
+       the model, the reward (an f-regularised reward's lambda solved once here, `_prepared_task`) and the
+       learner through `rlft.learners.build_learner`;
+    2. restores Tune's latest checkpoint when there is one (a retry or `--resume`), continuing from the
+       saved iteration;
+    3. loops `train_iteration()`; evaluates `learner.evaluate()` on the first iteration of a fresh run,
+       every `run.eval_every` iterations and at the last; every row carries the latest figures;
+    4. reports the rows of iterations c+1..c' together with the checkpoint at c' (every
+       `run.checkpoint_every` and at the end), so what is reported is exactly the history of states
+       Tune can restore: after a failure at any point each iteration is reported once, none lost.
+       Each checkpoint also carries that history (history.jsonl, rows 1..c'), the record that survives
+       anything: the driver syncs Tune's own logs to storage only every few checkpoints, so a killed
+       driver can lose their last rows (a trial restarted by a live driver keeps them: `rlft.run.tune`).
+
+Checkpoint directory (data only; Tune copies it out of a temporary directory):
+    learner/              what `learner.save_checkpoint` wrote (safetensors + JSON)
+    history.jsonl         every reported row from iteration 1 to this checkpoint
+    samples.safetensors   final checkpoint of a 2-D task: fine-tuned / pretrained / exact-target samples
+    rlft_state.json       written last: {"format": "rlft_trial", "version": 1, iteration, wall time, latest
+                          figures, and the size and sha256 of every other file}, checked before a load (a
+                          torn copy is refused, never loaded). Version 0 (rlft before the format name) has
+                          the same files and no "format"/"version" keys; it is read as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlft import checkpoint
+from rlft.checkpoint import CheckpointError
+from rlft.config import TaskConfig
+from rlft.learners import Learner, build_learner
+from rlft.models import build_model
+from rlft.rewards import build_reward, evaluate
+from rlft.run.keys import (
+    ENERGY_DISTANCE, EVAL_ITERATION, GAP_CLOSURE, HISTORY_FILE, ITERATION, ITERATION_TIME, KL, LAST_EVAL, LEARNER_DIR,
+    MANIFEST, OBJECTIVE, OPTIMAL_KL, OPTIMAL_OBJECTIVE, OPTIMAL_REWARD, REWARD, REWARD_QUERIES, SAMPLES_FILE,
+    SAMPLES_FINETUNED, SAMPLES_PRETRAINED, SAMPLES_TARGET, STATE_FILE, TASK_KEY, TRAIN, WALL_TIME,
+)
+from rlft.run.storage import json_default, log
+from rlft.run_config import RunConfig, apply_overrides, run_config_of, validate_task
+from rlft.sampling import sample
+
+TRIAL_FORMAT = "rlft_trial"
+"""The format name in rlft_state.json."""
+TRIAL_VERSION = 1
+"""The newest checkpoint layout this code writes and reads (0: no format name, same files)."""
+PLOT_SAMPLES = 2000
+"""Samples per cloud in the 2-D plots."""
+
+
+def trial_task(config: dict[str, Any]) -> TaskConfig:
+    """The trial's validated task: the base task (with its `run:` section) and the trial's grid values."""
+    values = {k: v for k, v in config.items() if k != TASK_KEY}
+    data = apply_overrides(config[TASK_KEY], values)
+    data.pop("sweep", None)
+    return validate_task(data)
+
+
+def trial_main(config: dict[str, Any]) -> None:
+    """Tune function trainable: build, restore, then train/evaluate/report/checkpoint to run.iterations."""
+    from ray import tune
+
+    task = trial_task(config)
+    run = run_config_of(task)  # the hook learners read: the loop and their schedules see one number
+    label = ", ".join(f"{k}={v}" for k, v in config.items() if k != TASK_KEY) or "trial"
+    torch.manual_seed(task.seed)
+    model = build_model(task.model, task.num_steps).to(device=_trial_device(run))
+    task = _prepared_task(task, model)
+    reward = build_reward(task.reward, model=model).to(model.device)
+    learner = build_learner(task, model, reward)
+    state, history = _restore(learner, tune.get_checkpoint(), label)
+    last_eval: dict[str, Any] = state.get(LAST_EVAL) or {}
+    wall = float(state.get(WALL_TIME, 0.0))
+    pending: list[dict[str, Any]] = []
+    while learner.iteration < run.iterations:
+        start, before = time.perf_counter(), learner.iteration
+        metrics = learner.train_iteration()
+        it = learner.iteration
+        if it != before + 1:
+            raise RuntimeError(f"{type(learner).__name__}.train_iteration() must add 1 to iteration ({before} -> {it})")
+        final = it >= run.iterations
+        if not last_eval or it % run.eval_every == 0 or final:
+            last_eval = {**learner.evaluate(num_samples=run.eval_samples), EVAL_ITERATION: it}
+            log(f"[{label}] iteration {it}/{run.iterations}: " + _brief(last_eval))
+        elapsed = time.perf_counter() - start
+        wall += elapsed
+        pending.append({
+            ITERATION: it, REWARD_QUERIES: int(learner.reward_queries), WALL_TIME: wall, ITERATION_TIME: elapsed,
+            TRAIN: _numbers(metrics), **last_eval,
+        })
+        history.append(pending[-1])
+        if final or (run.checkpoint_every and it % run.checkpoint_every == 0):
+            samples, extra = _final_samples(learner) if final else ({}, {})
+            state = {ITERATION: it, REWARD_QUERIES: int(learner.reward_queries), WALL_TIME: wall,
+                     LAST_EVAL: last_eval, **extra}
+            with tempfile.TemporaryDirectory(prefix="rlft_ckpt_") as tmp:
+                write_checkpoint(tmp, learner, state, samples, history)
+                for row in pending[:-1]:
+                    tune.report(row)
+                tune.report(pending[-1], checkpoint=tune.Checkpoint.from_directory(tmp))
+            pending = []
+        elif not run.checkpoint_every:  # no restore point between start and end: report at once
+            tune.report(pending.pop())
+
+
+def _prepared_task(task: TaskConfig, model) -> TaskConfig:
+    """The task with an f-regularised reward's lambda solved once, here, and written into its reward spec, so
+    the reward, the learner and every process it starts (RLlib env runners) reuse it instead of re-solving it
+    from 4096 pretrained rollouts each."""
+    try:
+        from rlft.rewards.f_regularised import prepare_reward_spec
+    except ImportError:  # TODO(package A1): drop once rlft.rewards.f_regularised.prepare_reward_spec has landed
+        return task
+    return dataclasses.replace(task, reward=prepare_reward_spec(task.reward, model, task.alpha))
+
+
+def _trial_device(run: RunConfig) -> str:
+    import ray
+
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but this trial sees no GPU; set run.gpus_per_trial > 0 or device: auto")
+    if run.device == "cuda" or (run.device == "auto" and ray.get_gpu_ids() and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+# -- the checkpoint manifest ------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    directory: str, learner: Learner, state: dict[str, Any], samples: dict | None = None,
+    history: list[dict] | None = None,
+) -> None:
+    """Writes learner/, the plot samples, the rows so far and, last, rlft_state.json with a manifest of every file."""
+    learner_dir = os.path.join(directory, LEARNER_DIR)
+    os.makedirs(learner_dir)
+    learner.save_checkpoint(learner_dir)
+    if samples:
+        checkpoint.save_tensors(os.path.join(directory, SAMPLES_FILE), {k: v.float() for k, v in samples.items()})
+    if history is not None:
+        Path(directory, HISTORY_FILE).write_text("".join(json.dumps(r, default=json_default) + "\n" for r in history))
+    manifest = {rel: _file_digest(os.path.join(directory, rel)) for rel in _files(directory)}
+    checkpoint.write_state(directory, TRIAL_FORMAT, TRIAL_VERSION, {**state, MANIFEST: manifest}, name=STATE_FILE)
+
+
+def read_checkpoint_state(directory: str) -> dict[str, Any]:
+    """rlft_state.json of a trial checkpoint (version 0 or 1) after checking every file against its manifest.
+
+    Raises:
+        CheckpointError: the state file is missing (a copy cut short), damaged, of a newer version, or a file
+            differs from what was written.
+    """
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {directory} has no {STATE_FILE}: it is incomplete and cannot be loaded")
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint state {path} cannot be read ({err}); the copy is damaged, restore an older checkpoint") from None
+    if not isinstance(state, dict) or "format" in state or "version" in state:  # version >= 1: checked
+        state = checkpoint.read_state(directory, TRIAL_FORMAT, TRIAL_VERSION, name=STATE_FILE)
+    for rel, digest in state.get(MANIFEST, {}).items():
+        full = os.path.join(directory, rel)
+        if not os.path.isfile(full) or _file_digest(full) != digest:
+            raise CheckpointError(f"checkpoint {directory}: {rel} is missing or differs from what was written; "
+                                  "the copy is damaged, restore an older checkpoint")
+    return state
+
+
+def read_samples(directory: str) -> dict[str, torch.Tensor] | None:
+    """The plot samples of a final checkpoint (None when it has none)."""
+    path = os.path.join(directory, SAMPLES_FILE)
+    return checkpoint.load_tensors(path) if os.path.isfile(path) else None
+
+
+def read_history(directory: str) -> list[dict[str, Any]]:
+    """The rows of iterations 1..c of the checkpoint at c (none for a checkpoint without history.jsonl)."""
+    path = os.path.join(directory, HISTORY_FILE)
+    if not os.path.isfile(path):
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _restore(learner: Learner, ckpt, label: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Loads Tune's checkpoint (if any) into the learner; returns the runner's state and the rows so far."""
+    if ckpt is None:
+        return {}, []
+    with ckpt.as_directory() as directory:
+        state = read_checkpoint_state(directory)
+        learner.load_checkpoint(os.path.join(directory, LEARNER_DIR))
+        history = read_history(directory)
+    if learner.iteration != state[ITERATION]:
+        raise RuntimeError(f"{type(learner).__name__}.load_checkpoint restored iteration {learner.iteration}, "
+                           f"but the checkpoint was written at iteration {state[ITERATION]}")
+    learner.reward_queries = max(int(learner.reward_queries), int(state[REWARD_QUERIES]))
+    log(f"[{label}] restored from the checkpoint at iteration {state[ITERATION]}")
+    return state, history
+
+
+def _final_samples(learner: Learner) -> tuple[dict, dict]:
+    """2-D tasks: fine-tuned, pretrained and exact-target samples for the plots, and the exact optimum."""
+    model, reward, alpha = learner.model, learner.reward, learner.task.alpha
+    if tuple(model.event_shape) != (2,):
+        return {}, {}
+    seed = learner.task.seed + 2
+    tuned = sample(model, PLOT_SAMPLES, control=learner.control(), init=learner.init_dist(), seed=seed, progress=False)
+    samples = {SAMPLES_FINETUNED: tuned.x, SAMPLES_PRETRAINED: sample(model, PLOT_SAMPLES, seed=seed + 1, progress=False).x}
+    extra: dict[str, Any] = {}
+    if alpha > 0 and hasattr(model, "exact_target") and getattr(reward, "exact_form", None) is not None:
+        target = model.exact_target(reward, alpha)
+        x = target.mixture.sample(PLOT_SAMPLES, torch.Generator().manual_seed(seed + 2))
+        with torch.no_grad():
+            r = float(evaluate(reward, x.to(device=model.device, dtype=model.dtype)).double().mean())
+        samples[SAMPLES_TARGET] = x
+        extra = {OPTIMAL_REWARD: r, OPTIMAL_KL: (r - target.optimal_objective) / alpha}  # KL* = (E*[r] - J*)/alpha
+    return samples, extra
+
+
+def _numbers(metrics: Any) -> dict[str, float]:
+    """The learner's training metrics as plain floats (tensors and numpy scalars converted)."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[str(k)] = float(v)
+    return out
+
+
+def _brief(figures: dict[str, Any]) -> str:
+    keys = (REWARD, KL, OBJECTIVE, OPTIMAL_OBJECTIVE, GAP_CLOSURE, ENERGY_DISTANCE)
+    return " ".join(f"{k}={figures[k]:.4g}" for k in keys if isinstance(figures.get(k), (int, float)))
+
+
+def _files(directory: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs)
+
+
+def _file_digest(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
