@@ -45,7 +45,7 @@ TRUE_DATA = {"type": "gmm", "weights": [0.25] * 4, "means": [[2.0, 2.0], [-2.0, 
 WRONG_MODEL = {"type": "gmm", "weights": [0.55, 0.15, 0.15, 0.15], "means": TRUE_DATA["means"], "stds": [0.4] * 4}
 #: f-Restart variants: name -> learner keys
 RESTART_VARIANTS: dict[str, dict[str, Any]] = {
-    "boost (js), uniform start": {"shaping": "none", "divergence": "js", "init_denoise_prob": 0.5},
+    "boost (js), uniform start": {"shaping": "none", "fpg_divergence": "js", "init_denoise_prob": 0.5},
     "boost (kl)": {"shaping": "none"},
     "boost (kl, centred)": {"shaping": "none", "center_reward": True},
     "time_weighted": {"shaping": "time_weighted", "center_reward": True},

@@ -9,10 +9,10 @@ them) for K steps:
               (`envs.DenoisingDriftEnv`), `runner.sample(num_timesteps=B K episodes)`
     fast:     `BulkEnvRunner` on the same env and module
 
-Both runners run the same policy, `rlft.rllib.module.DriftPolicyModule` (MLP 64x2 mean net; its forward and the
+Both runners run the same policy, `rlft.rllib.modules.DriftPolicyModule` (MLP 64x2 mean net; its forward and the
 action draw are part of sampling), explore=True, one local EnvRunner in this process. A step is one transition of
 one trajectory. Timings alternate raw/default/fast, `repeats` times; ratios are medians of the paired ratios.
-Models: (a) the MLP score net (`rlft.models.scorenet`), (b) the tiny digits UNet (`rlft.models.digits`).
+Models: (a) the MLP score net (`rlft.models.scorenet`), (b) the tiny digits UNet (`rlft.tasks.digits_unet`).
 
 `--json` prints {"ratio_<model>_default": .., "ratio_<model>_fast": .., "models": {<model>: {...steps/s...}}, ...}.
 """
@@ -64,7 +64,7 @@ def build_runner(name: str, batch: int, fast: bool):
     from ray.tune.registry import register_env
 
     from rlft.rllib.env_runner import VECTORIZE_MODE, BulkEnvRunner
-    from rlft.rllib.module import DriftPolicyModule, drift_model_config
+    from rlft.rllib.modules import DriftPolicyModule, drift_model_config
 
     register_env(BENCH_ENV, _make_env)
     model, _ = _MODELS[name]
