@@ -1,4 +1,4 @@
-"""A diffusers UNet + DDPM/DDIM(eta > 0) scheduler seen as a K-step Gaussian transition chain, and its LoRA.
+"""A diffusers UNet + DDPM/DDIM(eta > 0) scheduler seen as a K-step Gaussian transition chain (LoRA, files: `lora.py`).
 
 Derived from diffusers 0.42.1 `DDPMScheduler.step` and `DDIMScheduler.step` (the formulas below are theirs,
 re-written so that the mean is a differentiable function of x and the std a scalar; pin diffusers when these
@@ -28,9 +28,10 @@ Conventions this module fixes:
   default linear betas), like `rlft.schedule.VPSchedule.s_min`.
 - Generative time t = 1 - tau / num_train_timesteps (`time`, `dt`).
 - `UNet2DConditionModel`: cond is `encoder_hidden_states`, cond_shape = (cond_seq_len, cross_attention_dim).
-- LoRA (peft): `mean()` is ALWAYS the pretrained (base) mean; `lora_control()` is the control
-  delta_k = mean_lora(k, x) - mean_base(k, x), so `rlft.sampling.sample(chain, n, control=chain.lora_control())`
-  samples the fine-tuned model and the per-step KL is |delta_k|^2 / (2 s_k^2).
+- LoRA (peft, `rlft.models.lora.LoRAMixin`): `mean()` is ALWAYS the pretrained (base) mean; `lora_control()` is
+  the control delta_k = mean_lora(k, x) - mean_base(k, x).
+- Without clipping the mean and the ODE step are affine in the score (`score_coefficients`), so a
+  `ControlledChain` over this chain has a score.
 
 Notation: tau `timestep`, ab `alpha_bar` (diffusers' alphas_cumprod), eps the UNet's noise prediction.
 """
@@ -38,36 +39,21 @@ Notation: tau `timestep`, ab `alpha_bar` (diffusers' alphas_cumprod), eps the UN
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import re
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from safetensors.torch import load_file, save_file
 
 from rlft.models.base import DiffusionModel
+from rlft.models.lora import LoRAMixin, PretrainedFilesMixin
 
-SCHEDULERS = ("ddpm", "ddim")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
-#: LoRA targets tried by default (those present in the UNet are used): attention projections and resnet convs.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-LORA_WEIGHTS_FILE = "lora.safetensors"
-LORA_CONFIG_FILE = "lora_config.json"
-LORA_FORMAT = "rlft-lora"
-LORA_FORMAT_VERSION = 1
-ADAPTER = "default"
 #: A step whose std is below this is deterministic (DDPM clamps its variance at 1e-20).
 _MIN_STD = 1e-6
-_UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -81,7 +67,7 @@ class _Step:
     std: float  # s_k
 
 
-class DiffusersChain(DiffusionModel):
+class DiffusersChain(LoRAMixin, PretrainedFilesMixin, DiffusionModel):
     """A diffusers UNet with a DDPM or DDIM (eta > 0) scheduler as a K-step Gaussian chain; float32, frozen."""
 
     def __init__(
@@ -149,7 +135,7 @@ class DiffusersChain(DiffusionModel):
                 raise ValueError(f"cond_seq_len must be >= 1 (got {cond_seq_len})")
             self.cond_shape = (int(cond_seq_len), int(ucfg.cross_attention_dim))
         self.num_train_timesteps = int(config.num_train_timesteps)
-        self.lora_config: dict[str, Any] | None = None
+        self.lora_config = None  # a `rlft.models.lora.LoRAConfig` once add_lora / load_lora attached one
         self._shared: tuple | None = None
         self._steps = self._plan()
 
@@ -324,305 +310,32 @@ class DiffusersChain(DiffusionModel):
             x0, eps = self._predict(k, x, cond)
         return math.sqrt(s.alpha_bar_prev) * self._clip(x0) + math.sqrt(1.0 - s.alpha_bar_prev) * eps
 
+    def score_coefficients(self, k: int) -> tuple[float, float] | None:
+        """(c_mean, c_ode) of the score in mean and ODE step (eps = -sqrt(1 - ab) score, x0_hat = (x - sqrt(1 - ab) eps)
+        / sqrt(ab) for every prediction type); None when x0_hat is clipped (the mean is then not affine in it)."""
+        config = self.scheduler.config
+        if config.thresholding or config.clip_sample:
+            return None
+        s = self._steps[k]
+        ab, abp = s.alpha_bar, s.alpha_bar_prev
+        b2 = 1.0 - ab
+        via_x0 = math.sqrt(abp) * b2 / math.sqrt(ab)  # d(sqrt(ab') x0_hat) / d score
+        if self.kind == "ddpm":
+            c_mean = via_x0 * (1.0 - ab / abp) / (1.0 - ab)  # DDPM: x0_hat enters with sqrt(ab') beta / (1 - ab)
+        else:
+            c_mean = via_x0 - math.sqrt(max(1.0 - abp - s.std**2, 0.0)) * math.sqrt(b2)
+        return c_mean, via_x0 - math.sqrt(1.0 - abp) * math.sqrt(b2)
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusersChain":
         super().to(device, dtype)
         torch.nn.Module.to(self.unet, device=self.device, dtype=self.dtype)  # ModelMixin.to only adds a warning
         self._shared = None
         return self
 
-    # -- LoRA (peft) -------------------------------------------------------------------------------------
-    @property
-    def has_lora(self) -> bool:
-        return self.lora_config is not None
 
-    def _lora_layers(self) -> list[torch.nn.Module]:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
-
-    @contextmanager
-    def _adapters_enabled(self, enabled: bool) -> Iterator[None]:
-        """Switches the LoRA on/off without touching requires_grad (peft's enable_adapters would)."""
-        if not self.has_lora:
-            yield
-            return
-        layers = self._lora_layers()
-        before = [layer._disable_adapters for layer in layers]
-        for layer in layers:
-            layer._disable_adapters = not enabled  # what peft's `disable_adapters` property reads (peft 0.21)
-        try:
-            yield
-        finally:
-            for layer, b in zip(layers, before):
-                layer._disable_adapters = b
-
-    def add_lora(
-        self,
-        rank: int = 4,
-        lora_alpha: float | None = None,
-        target_modules: list[str] | tuple[str, ...] | None = None,
-        seed: int | None = None,
-    ) -> list[torch.nn.Parameter]:
-        """Attaches a peft LoRA (B = 0, so delta = 0 at first) to the UNet and returns its trainable parameters.
-
-        Args:
-            rank: LoRA rank r >= 1.
-            lora_alpha: LoRA scale numerator (scale = lora_alpha / rank); defaults to rank.
-            target_modules: module-name suffixes to adapt; default: those of `DEFAULT_LORA_TARGETS` present.
-            seed: seeds the random init of the A matrices (global RNG untouched); None uses the global RNG.
-        """
-        from peft import LoraConfig, inject_adapter_in_model
-
-        if self.has_lora:
-            raise ValueError("this chain already has a LoRA; call merge_lora() first or load weights with load_lora()")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1 (got {rank!r})")
-        names = [n for n, _ in self.unet.named_modules()]
-
-        def present(t: str) -> bool:
-            return any(n == t or n.endswith("." + t) for n in names)
-
-        if target_modules is None:
-            targets = [t for t in DEFAULT_LORA_TARGETS if present(t)]
-            if not targets:
-                raise ValueError(
-                    f"none of the default LoRA targets {DEFAULT_LORA_TARGETS} exist in this UNet; pass target_modules"
-                )
-        else:
-            targets = list(target_modules)
-            missing = [t for t in targets if not present(t)]
-            if missing:
-                raise ValueError(f"target_modules {missing} match no module of the UNet; e.g. {list(DEFAULT_LORA_TARGETS)}")
-        alpha = float(rank if lora_alpha is None else lora_alpha)
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-        if seed is None:
-            inject_adapter_in_model(config, self.unet, adapter_name=ADAPTER)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                inject_adapter_in_model(config, self.unet, adapter_name=ADAPTER)
-        torch.nn.Module.to(self.unet, device=self.device, dtype=self.dtype)
-        self.lora_config = {"rank": rank, "lora_alpha": alpha, "target_modules": targets}
-        self._shared = None
-        return self.lora_parameters()
-
-    def lora_parameters(self) -> list[torch.nn.Parameter]:
-        """The LoRA's parameters (what an optimiser updates); empty without a LoRA."""
-        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
-
-    def lora_mean(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The fine-tuned transition mean (LoRA on), differentiable in x and the LoRA parameters."""
-        if not self.has_lora:
-            raise ValueError("lora_mean needs a LoRA: call add_lora() or load_lora() first")
-        with self._adapters_enabled(True):
-            return self._mean(k, x, cond)
-
-    def lora_control(self) -> "LoRAControl":
-        """The control delta_k = lora_mean - mean (a `rlft.sampling.Control`)."""
-        if not self.has_lora:
-            raise ValueError("lora_control needs a LoRA: call add_lora() or load_lora() first")
-        return LoRAControl(self)
-
-    def save_lora(self, directory: str | os.PathLike) -> Path:
-        """Writes the adapter weights (safetensors) and its config (JSON) to `directory`, atomically per file."""
-        if not self.has_lora:
-            raise ValueError("save_lora needs a LoRA: call add_lora() first")
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {n: p.detach().cpu().contiguous() for n, p in self.unet.named_parameters() if "lora_" in n}
-        meta = {
-            "format": LORA_FORMAT, "version": LORA_FORMAT_VERSION, "unet_class": type(self.unet).__name__, **self.lora_config
-        }
-        _atomic_write(out / LORA_WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": LORA_FORMAT}))
-        _atomic_write(out / LORA_CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
-        return out
-
-    def load_lora(self, directory: str | os.PathLike) -> list[torch.nn.Parameter]:
-        """Loads an adapter written by `save_lora` (adding the LoRA if the chain has none); returns its parameters."""
-        src = Path(directory)
-        cfg_file, weights_file = src / LORA_CONFIG_FILE, src / LORA_WEIGHTS_FILE
-        if not cfg_file.is_file() or not weights_file.is_file():
-            raise FileNotFoundError(
-                f"{src} holds no LoRA: expected {LORA_CONFIG_FILE} and {LORA_WEIGHTS_FILE} written by save_lora"
-            )
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format") != LORA_FORMAT:
-            raise ValueError(
-                f"{cfg_file} is not an rlft LoRA config (format {meta.get('format')!r}, expected {LORA_FORMAT!r})"
-            )
-        config = {
-            "rank": meta["rank"], "lora_alpha": float(meta["lora_alpha"]), "target_modules": list(meta["target_modules"])
-        }
-        if not self.has_lora:
-            self.add_lora(**config)
-        elif self.lora_config != config:
-            raise ValueError(
-                f"the chain's LoRA {self.lora_config} differs from the saved one {config}; load into a chain without a LoRA"
-            )
-        state = load_file(str(weights_file))
-        own = {n for n, _ in self.unet.named_parameters() if "lora_" in n}
-        if set(state) != own:
-            diff = sorted(set(state) ^ own)[:5]
-            raise ValueError(f"{weights_file} does not fit this UNet's LoRA (mismatched keys, e.g. {diff})")
-        self.unet.load_state_dict(state, strict=False)
-        self._shared = None
-        return self.lora_parameters()
-
-    def merge_lora(self) -> None:
-        """Folds the LoRA into the UNet's weights and removes it: the fine-tuned model becomes the pretrained one."""
-        if not self.has_lora:
-            raise ValueError("merge_lora needs a LoRA: call add_lora() or load_lora() first")
-        lora = {id(m) for m in self._lora_layers()}
-        for name, module in list(self.unet.named_modules()):
-            if id(module) in lora:
-                module._disable_adapters = False
-                module.merge(adapter_names=[ADAPTER])
-                parent_name, _, child = name.rpartition(".")
-                parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
-                setattr(parent, child, module.get_base_layer())
-        if hasattr(self.unet, "peft_config"):
-            del self.unet.peft_config
-        self.unet.requires_grad_(False)
-        self.lora_config = None
-        self._shared = None
-
-    # -- loading and saving --------------------------------------------------------------------------------
-    def _base_unet(self) -> UNet2DModel | UNet2DConditionModel:
-        """The UNet without its LoRA (itself when there is none)."""
-        if not self.has_lora:
-            return self.unet
-        state = {
-            n.replace(".base_layer", ""): t for n, t in self.unet.state_dict().items() if "lora_" not in n
-        }
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG alone
-            base = type(self.unet).from_config(self.unet.config)
-        base.load_state_dict(state, strict=True)
-        return base
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes the pretrained (base) UNet to `directory/unet` and the scheduler config to `directory/scheduler`.
-
-        A LoRA is not saved here (use `save_lora`, or `merge_lora` first to save the fine-tuned model).
-        """
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self._base_unet().save_pretrained(out / "unet", safe_serialization=True)
-        self.scheduler.save_pretrained(out / "scheduler")
-        return out
-
-    @classmethod
-    def from_config(
-        cls,
-        unet_config: dict[str, Any],
-        scheduler_config: dict[str, Any] | None = None,
-        num_steps: int = 50,
-        scheduler: Literal["ddpm", "ddim"] = "ddpm",
-        eta: float = 1.0,
-        cond_seq_len: int = 77,
-        seed: int | None = None,
-    ) -> "DiffusersChain":
-        """A randomly initialised UNet (class from `_class_name`, default UNet2DModel) and a scheduler from configs.
-
-        Args:
-            unet_config: keyword arguments of the UNet class (keys starting with "_" are ignored).
-            scheduler_config: keyword arguments of the scheduler (None: diffusers' defaults).
-            num_steps, scheduler, eta, cond_seq_len: as in the constructor / `from_pretrained`.
-            seed: seeds the UNet's random init (global RNG untouched); None draws from the global RNG.
-        """
-        unet_cls = _unet_class(unet_config.get("_class_name", "UNet2DModel"), "unet_config['_class_name']")
-        config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-        if seed is None:
-            unet = unet_cls.from_config(config)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                unet = unet_cls.from_config(config)
-        sched = _scheduler_class(scheduler).from_config(dict(scheduler_config or {}))
-        return cls(unet, sched, num_steps, eta=eta, cond_seq_len=cond_seq_len)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        num_steps: int,
-        scheduler: Literal["ddpm", "ddim"] = "ddpm",
-        eta: float = 1.0,
-        subfolder_unet: str = "unet",
-        subfolder_scheduler: str = "scheduler",
-        cond_seq_len: int = 77,
-    ) -> "DiffusersChain":
-        """Loads `path/subfolder_unet` and `path/subfolder_scheduler` (a local directory, or a hub id with network).
-
-        Args:
-            path: a local directory written by `save_pretrained` / a diffusers pipeline, or "owner/name" on the hub.
-            num_steps: K.
-            scheduler: which scheduler's transitions the chain uses ("ddpm" or "ddim"; the saved config is reused).
-            eta: DDIM stochasticity in (0, 1].
-        """
-        sched_cls = _scheduler_class(scheduler)
-        text = os.fspath(path)
-        local = Path(text).expanduser()
-        if local.is_dir():
-            for sub, name in ((subfolder_unet, "config.json"), (subfolder_scheduler, "scheduler_config.json")):
-                if not (local / sub / name).is_file():
-                    raise FileNotFoundError(
-                        f"{local / sub / name} does not exist: a diffusers model directory needs {subfolder_unet}/ and "
-                        f"{subfolder_scheduler}/ subfolders (as DiffusersChain.save_pretrained writes them)"
-                    )
-            source, is_local = str(local), True
-        elif _HUB_ID.match(text):
-            source, is_local = text, False  # diffusers downloads (or reads its cache); errors are explained below
-        else:
-            raise FileNotFoundError(
-                f"model path {text!r} is not a local directory (resolved to {local.resolve()}); give a directory with "
-                f"{subfolder_unet}/ and {subfolder_scheduler}/ (see `python -m rlft.models.digits --out DIR`), or a hub id "
-                "'owner/name' where the network allows hub downloads"
-            )
-        try:
-            config = UNet2DModel.load_config(source, subfolder=subfolder_unet)
-            unet_cls = _unet_class(config.get("_class_name", "UNet2DModel"), f"{source}/{subfolder_unet}/config.json")
-            unet = unet_cls.from_pretrained(source, subfolder=subfolder_unet)
-            sched = sched_cls.from_pretrained(source, subfolder=subfolder_scheduler)
-        except (OSError, ValueError) as err:
-            if is_local:
-                raise
-            raise FileNotFoundError(
-                f"model path {text!r} is not a local directory and loading it as a hub id failed ({err}); "
-                "hub downloads need network access (and no HF_HUB_OFFLINE=1): download the model elsewhere and pass "
-                "its directory"
-            ) from err
-        return cls(unet, sched, num_steps, eta=eta, cond_seq_len=cond_seq_len)
-
-
-class LoRAControl:
-    """delta_k(x) = mean_lora(k, x) - mean_base(k, x): the fine-tuned chain as a control of the pretrained one."""
-
-    def __init__(self, chain: DiffusersChain) -> None:
-        self.chain = chain
-
-    def __call__(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        base = self.chain._shared_mean(k, x, cond)  # the transition that follows reuses it
-        return self.chain.lora_mean(k, x, cond) - base
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.chain.lora_parameters()
-
-
-def _unet_class(name: str, where: str) -> type:
-    if name not in _UNET_CLASSES:
-        raise ValueError(f"{where} is {name!r}; supported UNets: {sorted(_UNET_CLASSES)}")
-    return _UNET_CLASSES[name]
-
-
-def _scheduler_class(name: str) -> type:
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS} (got {name!r})")
-    return DDPMScheduler if name == "ddpm" else DDIMScheduler
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Calls write(tmp) on a temporary file beside `path`, then renames it over `path` (`rlft.files.atomic_path`)."""
-    from rlft.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        write(tmp)
+def build_diffusers_model(cfg, num_steps: int) -> DiffusersChain:
+    """The registry's ``model: {type: diffusers, path: ...}`` builder (cfg a `rlft.config.DiffusersModelConfig`)."""
+    return DiffusersChain.from_pretrained(
+        cfg.path, num_steps=num_steps, scheduler=cfg.scheduler, eta=cfg.eta,
+        subfolder_unet=cfg.subfolder_unet, subfolder_scheduler=cfg.subfolder_scheduler,
+    )

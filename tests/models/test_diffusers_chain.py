@@ -6,13 +6,17 @@ Tiny randomly initialised UNets are built here (never downloaded). Chains and sc
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from rlft.models.diffusers_chain import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusersChain
+from rlft import checkpoint
+from rlft.models.base import ControlledChain
+from rlft.models.diffusers_chain import DiffusersChain
+from rlft.models.lora import LORA_CONFIG_FILE, LORA_STATE_FILE, LORA_WEIGHTS_FILE, LoRAConfig
 from rlft.sampling import rollout, sample, step_kl
 
 N_TRAIN = 100  # num_train_timesteps of the tiny schedulers (fast set_timesteps, same formulas)
@@ -238,7 +242,8 @@ def test_zero_initialised_lora_gives_zero_delta_and_leaves_the_base_mean():
     base = {k: chain.mean(k, x) for k in steps}
     params = chain.add_lora(rank=2, seed=0)
     assert params and all(p.requires_grad for p in params)
-    assert set(chain.lora_config["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"}
+    assert set(chain.lora_config.target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"}
+    assert chain.lora_config == LoRAConfig(2, 2.0, chain.lora_config.target_modules)
     control = chain.lora_control()
     for k in steps:
         assert torch.equal(control(k, x), torch.zeros_like(x))
@@ -304,7 +309,7 @@ def test_save_and_load_lora_round_trip(tmp_path):
     chain.add_lora(rank=3, lora_alpha=6, target_modules=["to_q", "to_v", "conv2"], seed=0)
     perturb_lora(chain)
     chain.save_lora(tmp_path / "lora")
-    assert {p.name for p in (tmp_path / "lora").iterdir()} == {LORA_WEIGHTS_FILE, LORA_CONFIG_FILE}
+    assert {p.name for p in (tmp_path / "lora").iterdir()} == {LORA_WEIGHTS_FILE, LORA_STATE_FILE}
     other = make_chain("ddpm")
     other.load_lora(tmp_path / "lora")
     assert other.lora_config == chain.lora_config
@@ -317,6 +322,75 @@ def test_save_and_load_lora_round_trip(tmp_path):
         other.add_lora()
     with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no module"):
         make_chain().add_lora(target_modules=["nope"])
+
+
+def test_adapters_written_before_the_checkpoint_module_still_load(tmp_path):
+    """Format version 1: lora_config.json (format rlft-lora) + lora.safetensors, as save_lora wrote them before."""
+    chain = make_chain("ddpm")
+    chain.add_lora(rank=2, lora_alpha=3, target_modules=["to_q", "conv1"], seed=0)
+    perturb_lora(chain)
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = {"format": "rlft-lora", "version": 1, "unet_class": "UNet2DModel", "rank": 2, "lora_alpha": 3.0,
+            "target_modules": ["to_q", "conv1"]}
+    (old / LORA_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    checkpoint.save_tensors(old / LORA_WEIGHTS_FILE, {n: p for n, p in chain.unet.named_parameters() if "lora_" in n},
+                            metadata={"format": "rlft-lora"})
+    other = make_chain("ddpm")
+    other.load_lora(old)
+    assert other.lora_config == LoRAConfig(2, 3.0, ("to_q", "conv1")) == chain.lora_config
+    x = randn(3, 2, 8, 8)
+    assert torch.equal(other.lora_control()(4, x), chain.lora_control()(4, x))
+    (old / LORA_STATE_FILE).write_text(json.dumps({"format": "rlft-lora", "version": 7}))
+    with pytest.raises(ValueError, match=r"written by rlft-lora version 7.*upgrade rlft"):
+        make_chain("ddpm").load_lora(old)
+
+
+def test_lora_config_round_trips_and_names_bad_values():
+    cfg = LoRAConfig(rank=3, lora_alpha=6, target_modules=["to_q", "conv2"])
+    assert cfg.target_modules == ("to_q", "conv2") and cfg.lora_alpha == 6.0
+    assert LoRAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert LoRAConfig.from_dict({}) == LoRAConfig()
+    with pytest.raises(ValueError, match=r"lora.colour is not a known key"):
+        LoRAConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 1 \(got 0\)"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match=r"lora_alpha must be > 0"):
+        LoRAConfig(lora_alpha=-1.0)
+
+
+@pytest.mark.parametrize("case", ["ddpm-fixed_large-noclip", "ddim-eta1"])
+def test_controlled_chain_of_the_lora_control_is_the_fine_tuned_model(case):
+    """Unclipped schedulers: mean and ODE step are affine in the score, so ControlledChain(chain, lora_control) has the
+    LoRA chain's own score -eps_lora / sqrt(1 - ab) and ODE step (computed here with the adapter switched on)."""
+    chain = make_chain(case)
+    chain.add_lora(rank=2, seed=0)
+    perturb_lora(chain)
+    tuned = ControlledChain(chain, chain.lora_control())
+    x = randn(3, 2, 8, 8)
+    for k in (0, K // 2, K - 1):
+        with chain._adapters_enabled(True):
+            x0, eps = chain._predict(k, x, None)
+            want_ode = math.sqrt(chain._steps[k].alpha_bar_prev) * x0 + math.sqrt(1 - chain._steps[k].alpha_bar_prev) * eps
+        want_score = -eps / math.sqrt(1.0 - chain._steps[k].alpha_bar)
+        assert (want_score - chain.score(k, x)).abs().max() > 1e-3  # the LoRA really moved the score
+        torch.testing.assert_close(tuned.score(k, x), want_score, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(tuned.ode_step(k, x), want_ode, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(tuned.mean(k, x), chain.lora_mean(k, x), atol=1e-12, rtol=1e-12)
+    clipped = make_chain("ddpm")
+    clipped.add_lora(rank=2, seed=0)
+    assert clipped.score_coefficients(0) is None
+    with pytest.raises(NotImplementedError, match="affine in the score"):
+        ControlledChain(clipped, clipped.lora_control()).score(0, x)
+
+
+def test_registry_builder_loads_a_directory(tmp_path):
+    from rlft import registry
+    from rlft.config import DiffusersModelConfig
+
+    make_chain("ddpm").save_pretrained(tmp_path / "m")
+    chain = registry.resolve("model", "diffusers")(DiffusersModelConfig(type="diffusers", path=str(tmp_path / "m")), 4)
+    assert isinstance(chain, DiffusersChain) and chain.num_steps == 4 and chain.kind == "ddpm"
 
 
 def test_merge_lora_makes_the_fine_tuned_mean_the_pretrained_one():
@@ -363,7 +437,8 @@ def test_missing_model_paths_raise_clear_errors(tmp_path):
 
 
 def test_digits_data_and_tiny_unet_config():
-    from rlft.models.digits import load_digits_data, tiny_unet_config
+    from rlft.tasks.digits import load_digits_data
+    from rlft.tasks.digits_unet import tiny_unet_config
 
     x, y = load_digits_data()
     assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
@@ -373,7 +448,7 @@ def test_digits_data_and_tiny_unet_config():
 
 
 def test_short_digits_training_lowers_the_denoising_loss():
-    from rlft.models.digits import evaluation_loss, train_digits_unet
+    from rlft.tasks.digits_unet import evaluation_loss, train_digits_unet
 
     kw = dict(batch_size=32, lr=3e-3, seed=0, progress=False, num_steps=5, block_out_channels=(16, 32))
     before = evaluation_loss(train_digits_unet(steps=0, **kw), n=256)  # ~1.07: the random init
@@ -384,7 +459,7 @@ def test_short_digits_training_lowers_the_denoising_loss():
 
 
 def test_digits_cli_saves_a_loadable_model(tmp_path):
-    from rlft.models.digits import main
+    from rlft.tasks.digits_unet import main
 
     assert main(["--out", str(tmp_path / "d"), "--steps", "2", "--batch-size", "8", "--eval-samples", "0"]) == 0
     chain = DiffusersChain.from_pretrained(tmp_path / "d", num_steps=5)
@@ -395,7 +470,7 @@ def test_digits_cli_saves_a_loadable_model(tmp_path):
 def test_trained_digits_model_samples_recognisable_digits(tmp_path, monkeypatch):
     """1000 steps (about a minute of one CPU core): measured digit fraction 1.0, confident fraction 0.86,
     energy distance 0.03 vs the real-vs-real floor 0.02, all ten digits 30-65 times in 500 samples."""
-    from rlft.models.digits import sample_quality, train_digits_unet
+    from rlft.tasks.digits_unet import sample_quality, train_digits_unet
 
     monkeypatch.setenv("RLFT_CACHE", str(tmp_path))
     chain = train_digits_unet(steps=1000, seed=0, progress=False, num_steps=50)
