@@ -43,9 +43,9 @@ from typing import Any, Literal
 
 import yaml
 
+from rlft import registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
 from rlft.learners import check_learner_spec
-from rlft.rewards.base import resolve_reward  # TODO(package A1): registry.resolve("reward", ...) once it moved
 
 #: the logger callbacks `run.loggers` may name (JSON is always written: Tune's results are read from it)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
@@ -267,8 +267,8 @@ def check_reward_spec(spec: dict[str, Any]) -> None:
     """Checks a `reward:` mapping's keys against its factory's signature (`model` is filled by rlft)."""
     params = {k: v for k, v in spec.items() if k != "type"}
     try:
-        factory = resolve_reward(spec["type"])
-    except ValueError as err:
+        factory = registry.resolve("reward", spec["type"])
+    except registry.RegistryError as err:
         raise ConfigError(f"reward.type: {err}") from None
     if isinstance(factory, type) or params or not _takes_only_x(factory):
         check_kwargs(factory, params, "reward", {"model": None})

@@ -210,6 +210,50 @@ def test_a_checkpoint_of_a_newer_version_is_refused_with_what_to_do(tmp_path):
         read_checkpoint_state(str(tmp_path))
 
 
+class RewardSpecLearner(LinearLearner):
+    """LinearLearner that also builds the reward from its task's spec, as an RLlib env runner does, and
+    reports the lambda_ the spec carried."""
+
+    def __init__(self, task, model, reward, **kwargs) -> None:
+        super().__init__(task, model, reward, **kwargs)
+        self.spec_lambda = task.reward.get("lambda_")
+        self.rebuilt = build_reward(task.reward, model=model)
+
+    def train_iteration(self) -> dict[str, float]:
+        return {**super().train_iteration(), "spec_lambda": self.spec_lambda, "rebuilt_lambda": self.rebuilt.lambda_}
+
+
+def test_trial_solves_lambda_once_and_its_learner_sees_the_run_length(tmp_path, monkeypatch):
+    """`trial_main` in this process (Tune's report/checkpoint calls recorded): an f-regularised reward's lambda
+    is solved once for the trial and reaches the learner in its task's reward spec; `run_config_of(task)` in
+    the learner gives the number of iterations the loop runs."""
+    from ray import tune
+
+    import rlft.rewards.f_regularised as f_regularised
+    from rlft.run import trial
+    from rlft.run.keys import TASK_KEY
+
+    solves = []
+    solve = f_regularised.pretrained_lambda
+    monkeypatch.setattr(f_regularised, "pretrained_lambda", lambda *a, **k: solves.append(1) or solve(*a, **k))
+    reported = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", lambda row, checkpoint=None: reported.append((row, checkpoint is not None)))
+    monkeypatch.setattr(trial, "_trial_device", lambda run: "cpu")
+    data = _task_dict(tmp_path)
+    data["learner"] = {"type": "tests.test_runner:RewardSpecLearner"}
+    data["reward"] = {"type": "f_regularised", "base": {"type": "quadratic", "center": [1.0, 0.5]},
+                      "divergence": "kl", "alpha": 0.5, "num_samples": 256}
+    data["run"].update(iterations=3, checkpoint_every=2)
+    trial.trial_main({TASK_KEY: data})
+    assert len(solves) == 1  # the trial's own reward, the learner's and any env runner's share one solve
+    rows = [row for row, _ in reported]
+    assert [r[ITERATION] for r in rows] == [1, 2, 3] and [c for _, c in reported] == [False, True, True]
+    assert all(r[TRAIN][RUN_ITERATIONS] == 3 for r in rows)
+    lam = rows[0][TRAIN]["spec_lambda"]
+    assert isinstance(lam, float) and all(r[TRAIN]["rebuilt_lambda"] == lam for r in rows)
+
+
 def test_dummy_learner_checkpoint_round_trip(tmp_path):
     a = _build(_task_dict(tmp_path))
     for _ in range(3):

@@ -43,8 +43,8 @@ from rlft import checkpoint
 from rlft.checkpoint import CheckpointError
 from rlft.config import TaskConfig
 from rlft.learners import Learner, build_learner
-from rlft.models import build_model
-from rlft.rewards import build_reward, evaluate
+from rlft.models import DiffusionModel, build_model
+from rlft.rewards import build_reward, evaluate, prepare_reward_spec
 from rlft.run.keys import (
     ENERGY_DISTANCE, EVAL_ITERATION, GAP_CLOSURE, HISTORY_FILE, ITERATION, ITERATION_TIME, KL, LAST_EVAL, LEARNER_DIR,
     MANIFEST, OBJECTIVE, OPTIMAL_KL, OPTIMAL_OBJECTIVE, OPTIMAL_REWARD, REWARD, REWARD_QUERIES, SAMPLES_FILE,
@@ -117,14 +117,10 @@ def trial_main(config: dict[str, Any]) -> None:
             tune.report(pending.pop())
 
 
-def _prepared_task(task: TaskConfig, model) -> TaskConfig:
-    """The task with an f-regularised reward's lambda solved once, here, and written into its reward spec, so
-    the reward, the learner and every process it starts (RLlib env runners) reuse it instead of re-solving it
-    from 4096 pretrained rollouts each."""
-    try:
-        from rlft.rewards.f_regularised import prepare_reward_spec
-    except ImportError:  # TODO(package A1): drop once rlft.rewards.f_regularised.prepare_reward_spec has landed
-        return task
+def _prepared_task(task: TaskConfig, model: DiffusionModel) -> TaskConfig:
+    """The task with an f-regularised reward's lambda solved once, here, and written into its reward spec
+    (`prepare_reward_spec`), so the reward, the learner and every process it starts (RLlib env runners) reuse
+    it instead of re-solving it from `num_samples` pretrained rollouts each."""
     return dataclasses.replace(task, reward=prepare_reward_spec(task.reward, model, task.alpha))
 
 
