@@ -6,7 +6,8 @@
 with the scalar lambda fixed by normalisation, E_pre[(f')^{-1}((r - lambda)/alpha)] = 1. Over pretrained
 samples this is a 1-D monotone root (`solve_lambda`, bisection). Writing the density ratio as
 exp(r_f), r_f(x) = log (f')^{-1}((r(x) - lambda)/alpha), the KL machinery of rlft with reward r_f and
-alpha = 1 samples p (TANG Cor. 4.4); `FRegularisedReward` (registry name `f_regularised`) is that reward.
+alpha = 1 samples p (TANG Cor. 4.4); `rlft.rewards.f_regularised.FRegularisedReward` (registry name
+`f_regularised`) is that reward.
 
 Notation: f (convex, f(1) = 0) -> `f`; f' -> `f_prime`; (f')^{-1} -> `f_prime_inv`; lambda -> `lambda_`;
 y = (r - lambda)/alpha; w = (f')^{-1}(y) = p/p_pre (the density ratio, "tilt weight").
@@ -20,19 +21,20 @@ TANG Def. 4.2 drops lambda and, for r >= 0 outside the domain of (f')^{-1}, uses
 decreasing (p ∝ p_pre / r for forward KL). `tang_def42_reward` offers Def. 4.2 only where it agrees in
 direction with the exact route and raises otherwise (MATH.md §4).
 
-The divergence names live in ONE place: `get_divergence` ("kl", "forward_kl", "gamma:0.3", ...).
-Pure torch: no Ray, diffusers or gymnasium imports.
+The divergence names live in ONE place, the `divergence` lines of `rlft.registry` (each names one of the
+factories below); `get_divergence` parses an option string ("kl", "forward_kl", "gamma:0.3", or a user's
+"module:attr"). Pure torch math: no rewards, no YAML, no Ray, diffusers or gymnasium imports.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from rlft.rewards.base import Reward, build_reward, evaluate, register_reward
+from rlft import registry
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 
@@ -103,7 +105,7 @@ def _check_domain(div: FDivergence, y: torch.Tensor) -> None:
 # -- built-ins ------------------------------------------------------------------------------------
 
 
-def _kl() -> FDivergence:
+def kl() -> FDivergence:
     return FDivergence(
         name="kl",
         f=lambda t: torch.xlogy(t, t),
@@ -113,7 +115,7 @@ def _kl() -> FDivergence:
     )
 
 
-def _forward_kl() -> FDivergence:
+def forward_kl() -> FDivergence:
     return FDivergence(
         name="forward_kl",
         f=lambda t: -torch.log(t),
@@ -142,7 +144,7 @@ def gamma_divergence(gamma: float) -> FDivergence:
     )
 
 
-def _chi2() -> FDivergence:
+def chi2() -> FDivergence:
     return FDivergence(
         name="chi2",
         f=lambda t: (t - 1.0).pow(2),
@@ -152,7 +154,7 @@ def _chi2() -> FDivergence:
     )
 
 
-def _js() -> FDivergence:
+def js() -> FDivergence:
     # f(t) = 1/2 [t log t - (1+t) log((1+t)/2)]: JS(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m), m = (p+q)/2.
     half_log2 = 0.5 * math.log(2.0)
     return FDivergence(
@@ -165,7 +167,7 @@ def _js() -> FDivergence:
     )
 
 
-def _hellinger() -> FDivergence:
+def hellinger() -> FDivergence:
     # squared Hellinger, f(t) = (sqrt t - 1)^2 = gamma:0.5 / 2
     return FDivergence(
         name="hellinger",
@@ -196,34 +198,38 @@ def custom_divergence(
     return FDivergence(name=name, f=f, f_prime=f_prime, f_prime_inv=f_prime_inv, domain=tuple(domain))
 
 
-_BUILTINS: dict[str, Callable[[], FDivergence]] = {
-    "kl": _kl,
-    "reverse_kl": _kl,
-    "forward_kl": _forward_kl,
-    "chi2": _chi2,
-    "js": _js,
-    "hellinger": _hellinger,
-}
-DIVERGENCE_NAMES: tuple[str, ...] = (*_BUILTINS, "gamma:G")
+def divergence_names() -> list[str]:
+    """The option strings a divergence may take: the registry's names, then "gamma:G" (G in (0, 1))."""
+    return [*registry.names("divergence"), "gamma:G"]
 
 
 def get_divergence(name: str | FDivergence) -> FDivergence:
-    """The divergence behind an option string: one of `DIVERGENCE_NAMES`, with "gamma:G" for G in (0, 1)."""
+    """The divergence behind an option string: a registry name, "gamma:G" for G in (0, 1), or "module:attr".
+
+    "gamma:G" is parsed before any registry lookup because it contains the ':' of a "module:attr" path.
+    """
     if isinstance(name, FDivergence):
         return name
     if not isinstance(name, str):
-        raise ValueError(f"divergence must be a string, one of {list(DIVERGENCE_NAMES)} (got {name!r})")
+        raise ValueError(f"divergence must be a string, one of {divergence_names()} (got {name!r})")
     key = name.strip().lower()
-    if key in _BUILTINS:
-        return _BUILTINS[key]()
-    if key.startswith("gamma"):
+    if key == "gamma" or key.startswith("gamma:"):
         _, _, value = key.partition(":")
         try:
             g = float(value)
         except ValueError:
             raise ValueError(f"divergence {name!r}: write the gamma-divergence as 'gamma:G' with G in (0, 1), e.g. 'gamma:0.5'") from None
         return gamma_divergence(g)
-    raise ValueError(f"unknown divergence {name!r}; choose one of {list(DIVERGENCE_NAMES)} (e.g. 'gamma:0.5')")
+    if key in registry.names("divergence"):
+        factory = registry.resolve("divergence", key)
+    elif ":" in name:  # a user's factory, "my_module:my_divergence" (its case kept)
+        factory = registry.resolve("divergence", name.strip())
+    else:
+        raise ValueError(f"unknown divergence {name!r}; choose one of {divergence_names()} (e.g. 'gamma:0.5')")
+    div = factory() if not isinstance(factory, FDivergence) else factory
+    if not isinstance(div, FDivergence):
+        raise ValueError(f"divergence {name!r} must name an FDivergence or a factory () -> FDivergence (got {type(div).__name__})")
+    return div
 
 
 # -- the exact lambda root and the f-tilted reward ------------------------------------------------
@@ -249,7 +255,7 @@ def f_tilt_weights(
 
 
 def _scaled(rewards, alpha, div: FDivergence, lambda_: float, max_ratio: float | None) -> torch.Tensor:
-    _check_alpha(alpha)
+    check_alpha(alpha)
     y = (rewards - lambda_) / alpha
     if max_ratio is not None and math.isfinite(div.domain[1]):
         cap = float(div.f_prime(torch.tensor(float(max_ratio), dtype=torch.float64)))
@@ -257,7 +263,7 @@ def _scaled(rewards, alpha, div: FDivergence, lambda_: float, max_ratio: float |
     return y
 
 
-def _check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float) -> None:
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number > 0 for f-divergence regularisation (got {alpha!r})")
 
@@ -283,7 +289,7 @@ def solve_lambda(
         lambda (float).
     """
     div = get_divergence(divergence)
-    _check_alpha(alpha)
+    check_alpha(alpha)
     r = torch.as_tensor(rewards).detach().to(torch.float64).reshape(-1)
     n = r.numel()
     if n == 0 or not torch.isfinite(r).all():
@@ -356,7 +362,7 @@ def tang_def42_reward(rewards: torch.Tensor, alpha: float, divergence: str | FDi
         r_f (n,).
     """
     div = get_divergence(divergence)
-    _check_alpha(alpha)
+    check_alpha(alpha)
     lo, hi = div.domain
     if not lo < 0.0 < hi:
         raise ValueError(
@@ -374,83 +380,3 @@ def tang_def42_reward(rewards: torch.Tensor, alpha: float, divergence: str | FDi
             "Use the exact route (solve_lambda + f_reward) or a larger alpha"
         )
     return div.log_ratio(y)
-
-
-# -- the reward wrapper ---------------------------------------------------------------------------
-
-
-class FRegularisedReward(Reward):
-    """r_f(x) = log (f')^{-1}((r(x) - lambda)/alpha) around a base reward: run the KL learner with alpha = 1.
-
-    `true_reward` is the base reward's genuine reward, so reports show E[r] beside E[r_f].
-    """
-
-    name = "f_regularised"
-    #: The KL weight a learner must use with this reward (alpha lives inside r_f, TANG Eq. 4.8).
-    kl_alpha: float = 1.0
-
-    def __init__(
-        self,
-        base: Reward,
-        divergence: str | FDivergence,
-        alpha: float,
-        lambda_: float,
-        max_ratio: float | None = 1e4,
-        min_ratio: float = 1e-6,
-    ) -> None:
-        _check_alpha(alpha)
-        self.base = base
-        self.divergence = get_divergence(divergence)
-        self.alpha = float(alpha)
-        self.lambda_ = float(lambda_)
-        self.max_ratio = max_ratio
-        self.min_ratio = float(min_ratio)
-        self.differentiable = getattr(base, "differentiable", True)
-
-    @classmethod
-    def from_pretrained_rewards(
-        cls, base: Reward, divergence: str | FDivergence, alpha: float, pretrained_rewards: torch.Tensor, **kwargs: Any
-    ) -> "FRegularisedReward":
-        """Solves lambda over r(x_i), x_i ~ p_pre (n,), and wraps the base reward."""
-        return cls(base, divergence, alpha, solve_lambda(pretrained_rewards, alpha, divergence), **kwargs)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.base(x)
-        return self.divergence.log_ratio(_scaled(r, self.alpha, self.divergence, self.lambda_, self.max_ratio), self.min_ratio)
-
-    @property
-    def has_true_reward(self) -> bool:
-        return True
-
-    def true_reward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.true_reward(x)
-
-    def to(self, device: str | torch.device) -> "FRegularisedReward":
-        self.base = self.base.to(device)
-        return self
-
-
-@register_reward("f_regularised")
-def f_regularised(
-    base: dict,
-    divergence: str,
-    alpha: float,
-    num_samples: int = 4096,
-    seed: int = 0,
-    max_ratio: float | None = 1e4,
-    model: Any = None,
-) -> FRegularisedReward:
-    """YAML: `reward: {type: f_regularised, base: {type: quadratic, ...}, divergence: "gamma:0.5", alpha: 0.5}`.
-
-    Samples `num_samples` pretrained x (seed `seed`) from the task's model to solve lambda; the task's own
-    alpha must then be 1 (the divergence weight is this `alpha`).
-    """
-    from rlft.sampling import sample
-
-    if model is None:
-        raise ValueError("reward f_regularised needs the task's model to sample pretrained rewards (build_reward(spec, model=...))")
-    base_reward = build_reward(base, path="reward.base", model=model)
-    with torch.no_grad():
-        x = sample(model, int(num_samples), seed=seed, progress=False, desc="pretrained (lambda)").x
-        r = evaluate(base_reward, x.to(model.device))
-    return FRegularisedReward.from_pretrained_rewards(base_reward, divergence, alpha, r, max_ratio=max_ratio)

@@ -400,7 +400,7 @@ def section_digits(args, quick: bool) -> list[dict[str, Any]]:
     import torch
 
     from rlft.config import task_from_dict
-    from rlft.models.digits import train_digits_unet
+    from rlft.tasks.digits_unet import train_digits_unet
     from rlft.rewards import build_reward
     from rlft.sampling import sample
 

@@ -14,7 +14,7 @@ estimate of each loop's own cost. The median of the paired ratios (raw time / en
 back) and their range are reported beside it.
 
 Models: (a) the MLP score net (`rlft.models.scorenet`, default size, D = 2) and (b) the tiny digits UNet
-(`rlft.models.digits.tiny_unet_config` in a `DiffusersChain`, 1x8x8), both with random weights (throughput does not
+(`rlft.tasks.digits_unet.tiny_unet_config` in a `DiffusersChain`, 1x8x8), both with random weights (throughput does not
 depend on them). Torch threads are set explicitly (`--threads`, default 1: what a Ray EnvRunner with one CPU
 gets). On a CPU device the default timer is the process CPU time (`--clock auto`), which descheduling on a busy
 shared machine does not inflate (cache contention still does); `--clock wall` times wall-clock.
@@ -72,7 +72,7 @@ def build_models(names: list[str], num_steps: int, device: str) -> dict:
                 model = ScoreNetChain(build_network(ScoreNetConfig("mlp", (2,))), num_steps=num_steps)
         else:
             from rlft.models.diffusers_chain import DiffusersChain
-            from rlft.models.digits import digits_scheduler_config, tiny_unet_config
+            from rlft.tasks.digits_unet import digits_scheduler_config, tiny_unet_config
 
             model = DiffusersChain.from_config(tiny_unet_config(), digits_scheduler_config(), num_steps=num_steps, seed=0)
         if torch.device(device) != model.device:

@@ -217,6 +217,12 @@ class GMMModel(CoefficientChain):
         return OptimalControl(self, self.exact_target(reward, alpha))
 
 
+def build_gmm_model(cfg, num_steps: int) -> GMMModel:
+    """The registry's `model: {type: gmm}` builder: a `rlft.config` GMM model config as a K = num_steps chain."""
+    schedule = VPSchedule(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
+    return GMMModel.create(cfg.weights, cfg.means, cfg.stds, num_steps=num_steps, schedule=schedule)
+
+
 class OptimalControl:
     """The exact optimal control of a GMM chain (bridge preservation) and its optimal initial law.
 

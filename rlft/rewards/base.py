@@ -1,22 +1,25 @@
-"""The reward protocol, the checked call every learner goes through, and the registry YAML names.
+"""The reward protocol, the checked call every learner goes through, and `build_reward` (YAML -> reward).
 
 A reward maps a batch x (B, *event) to r (B,). It is differentiable where its math allows
 (`differentiable = True`), may carry a genuine reward r* (`true_reward`) beside the nominal r (e.g. a
 learned oracle r next to an exact lookup r*), and may declare a closed form (`exact_form`) for which the
 exact tilted target is known (`rlft.models.gmm.GaussianMixture.tilt`).
 
-A YAML task names a reward by its registry name (`reward: {type: quadratic, center: [...], scale: 2}`) or
-by an import path to the user's own class or function (`reward: {type: "my_pkg.rewards:MyReward", ...}`);
-the remaining keys are the constructor's keyword arguments, checked against its signature.
+A YAML task names a reward by its registry name (`reward: {type: quadratic, center: [...], scale: 2}`; the
+names live in `rlft.registry`, which imports a reward's module only when it is built) or by an import path
+to the user's own class or function (`reward: {type: "my_pkg.rewards:MyReward", ...}`); the remaining keys
+are the constructor's keyword arguments, checked against its signature.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Callable
 
 import torch
+
+from rlft import registry
+from rlft.config import ConfigError, check_kwargs
 
 
 class RewardError(ValueError):
@@ -89,16 +92,21 @@ def evaluate(reward: Reward | Callable, x: torch.Tensor, true: bool = False) -> 
 
 # -- registry -------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Callable[..., Reward]] = {}
-
 
 def register_reward(name: str) -> Callable:
-    """Class (or factory) decorator: makes `reward: {type: name, ...}` available in YAML."""
+    """Class (or factory) decorator: makes `reward: {type: name, ...}` available in YAML (this process only).
+
+    A thin wrapper over `rlft.registry.register("reward", name, factory)`; on Ray workers name the reward as
+    "module:attr" instead, or register it in a module every worker imports.
+    """
 
     def wrap(factory):
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
-        _REGISTRY[name] = factory
+        if registry.target("reward", name) is not None:
+            raise ValueError(f"a reward named {name!r} is built in ({registry.target('reward', name)}); choose another name")
+        known = registry.resolve("reward", name) if name in registry.names("reward") else None
+        if known is not None and known is not factory:
+            raise ValueError(f"a reward named {name!r} is already registered ({known!r})")
+        registry.register("reward", name, factory)
         if isinstance(factory, type):
             factory.name = name
         return factory
@@ -107,34 +115,13 @@ def register_reward(name: str) -> Callable:
 
 
 def registered_rewards() -> list[str]:
-    """Names usable as `reward.type`."""
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def _load_builtins() -> None:
-    import rlft.rewards.builtin  # noqa: F401  (registers the built-in rewards)
+    """Names usable as `reward.type` (built-ins and run-time registrations)."""
+    return registry.names("reward")
 
 
 def resolve_reward(type_name: str) -> Callable[..., Reward]:
-    """The factory behind a registry name or a "module:attribute" import path."""
-    _load_builtins()
-    if type_name in _REGISTRY:
-        return _REGISTRY[type_name]
-    if ":" in type_name:
-        module_name, _, attr = type_name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ValueError(f"reward.type {type_name!r}: cannot import module {module_name!r} ({err})") from err
-        try:
-            return getattr(module, attr)
-        except AttributeError:
-            raise ValueError(f"reward.type {type_name!r}: module {module_name!r} has no attribute {attr!r}") from None
-    raise ValueError(
-        f"reward.type {type_name!r} is not a registered reward; choose one of {registered_rewards()} "
-        "or give an import path 'module:ClassOrFunction'"
-    )
+    """The factory behind a registry name or a "module:attribute" import path (`registry.resolve`)."""
+    return registry.resolve("reward", type_name)
 
 
 def build_reward(spec: dict[str, Any], path: str = "reward", **context: Any) -> Reward:
@@ -143,8 +130,6 @@ def build_reward(spec: dict[str, Any], path: str = "reward", **context: Any) -> 
     A plain function whose signature is (x) becomes a `FunctionReward`; a class or factory is called with
     the remaining keys as keyword arguments, each checked against its signature.
     """
-    from rlft.config import ConfigError, check_kwargs
-
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"{path} must be a mapping with a 'type' key (got {spec!r})")
     params = {k: v for k, v in spec.items() if k != "type"}

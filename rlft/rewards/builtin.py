@@ -1,6 +1,7 @@
-"""Built-in rewards: linear, quadratic, distance-to-mode (closed forms), and the learned/classifier rewards.
+"""Built-in rewards with closed forms: linear, quadratic, distance-to-mode.
 
-Each is registered under the name a YAML task uses as `reward.type`.
+`rlft.registry` names each under the `reward.type` a YAML task uses. Task-specific rewards live with their
+task (`rlft.tasks`), the f-regularised reward in `rlft.rewards.f_regularised`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rlft.rewards.base import Reward, register_reward
+from rlft.rewards.base import Reward
 
 
 def _vector(values, name: str, dim: int | None = None) -> torch.Tensor:
@@ -23,9 +24,10 @@ def _vector(values, name: str, dim: int | None = None) -> torch.Tensor:
     return t
 
 
-@register_reward("quadratic")
 class QuadraticReward(Reward):
     """r(x) = -scale/2 |x - center|^2 (vectors; images and sequences are flattened)."""
+
+    name = "quadratic"
 
     def __init__(self, center: list[float], scale: float = 1.0) -> None:
         if not scale > 0:
@@ -41,9 +43,10 @@ class QuadraticReward(Reward):
         return -0.5 * self.scale * (flat - self.center.to(flat)).pow(2).sum(-1)
 
 
-@register_reward("linear")
 class LinearReward(Reward):
     """r(x) = direction . x."""
+
+    name = "linear"
 
     def __init__(self, direction: list[float]) -> None:
         self.direction = _vector(direction, "direction")
@@ -56,12 +59,13 @@ class LinearReward(Reward):
         return flat @ self.direction.to(flat)
 
 
-@register_reward("distance_to_mode")
 class DistanceToModeReward(Reward):
     """r(x) = -scale * min_c |x - mode_c|: the distance to the nearest of the given modes.
 
     With no `modes`, the modes are the means of the task's Gaussian-mixture model.
     """
+
+    name = "distance_to_mode"
 
     def __init__(self, modes: list[list[float]] | None = None, scale: float = 1.0, model: Any = None) -> None:
         if modes is None:
@@ -81,7 +85,3 @@ class DistanceToModeReward(Reward):
         flat = x.reshape(x.shape[0], -1)
         d = torch.cdist(flat, self.modes.to(flat))  # (B, C)
         return -self.scale * d.min(dim=1).values
-
-import rlft.divergences, rlft.rewards.oracle  # noqa: E401,F401,E402  (registers f_regularised and mlp_oracle)
-import rlft.tasks.tfbind8  # noqa: E402,F401  (registers tfbind8_learned and tfbind8_exact; builds nothing on import)
-import rlft.rewards.digits  # noqa: E402,F401  (registers digit_classifier; trains nothing on import)

@@ -2,7 +2,7 @@
 
 ELEGANT §8.1-8.2 and App. F.1 (Tables 3-5): x is an 8-mer as an 8x4 one-hot array; the pretrained model is a
 continuous VP diffusion trained on *all* sequences (design-bench's 65,792 rows: every 8-mer, palindromes
-twice), decoded by argmax; the nominal reward r is an MLP oracle (Table 5's shape, `rlft.rewards.oracle`)
+twice), decoded by argmax; the nominal reward r is an MLP oracle (Table 5's shape, `rlft.tasks.oracle`)
 trained on half of the data; the genuine reward r* is the exact binding score of the decoded sequence.
 
 - `pretrained_model`: trains the sequence score network once with the core trainer
@@ -34,17 +34,31 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from rlft.rewards.base import Reward, register_reward
-from rlft.tasks.tfbind8_data import NUM_SEQUENCES, SEQ_LEN, decode_index, encode_index, load_table
+from rlft.models import pretrain
+from rlft.models.scorenet import ScoreNetChain, load_scorenet, save_scorenet
+from rlft.rewards.base import Reward
+from rlft.tasks.oracle import load_oracle, read_oracle_state, save_oracle, train_oracle
+from rlft.tasks.tfbind8_data import (  # noqa: F401  (the encoding is part of this module's surface)
+    ALPHABET_SIZE,
+    EVENT_SHAPE,
+    NUM_SEQUENCES,
+    SEQ_LEN,
+    all_sequences,
+    data_distribution,
+    decode,
+    decode_index,
+    encode_index,
+    load_table,
+    one_hot,
+    pretraining_data,
+    sequence_index,
+)
 
-ALPHABET_SIZE = 4
-EVENT_SHAPE = (SEQ_LEN, ALPHABET_SIZE)
 CACHE_ENV = "RLFT_CACHE"
 #: Pearson correlation of r with r* on the held-out half (oracle metrics key)
 HELDOUT_CORR = "heldout_corr"
 #: the same over the held-out sequences whose r* is in the top 10 % (how well r ranks the good ones)
 HELDOUT_TOP_CORR = "heldout_top10_corr"
-_POWERS = torch.tensor([4 ** (SEQ_LEN - 1 - i) for i in range(SEQ_LEN)], dtype=torch.long)  # (L,)
 
 
 # -- settings (each is part of its cache key) -------------------------------------------------------
@@ -101,47 +115,6 @@ class OracleSettings:
             raise ValueError(f"oracle epochs, patience and hidden widths must be >= 1 (got {self})")
 
 
-# -- encoding ---------------------------------------------------------------------------------------
-
-
-def one_hot(tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Token ids (..., 8) -> one-hot float32 (..., 8, 4)."""
-    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens, dtype=torch.long)
-    return torch.nn.functional.one_hot(t, ALPHABET_SIZE).to(torch.float32)
-
-
-def decode(x: torch.Tensor) -> torch.Tensor:
-    """Argmax decoding of states (B, 8, 4) -> token ids (B, 8) int64."""
-    if x.ndim != 3 or tuple(x.shape[1:]) != EVENT_SHAPE:
-        raise ValueError(f"TFBind8 states must have shape (B, 8, 4) (got {tuple(x.shape)})")
-    return x.argmax(-1)
-
-
-def sequence_index(x: torch.Tensor) -> torch.Tensor:
-    """Base-4 code of the argmax-decoded sequence (B,) int64 (the index of `rlft.tasks.tfbind8_data.load_table`)."""
-    return (decode(x) * _POWERS.to(x.device)).sum(-1)
-
-
-def all_sequences() -> torch.Tensor:
-    """Every 8-mer as one-hot, (65536, 8, 4), in index order."""
-    return one_hot(decode_index(np.arange(NUM_SEQUENCES)))
-
-
-def data_distribution() -> np.ndarray:
-    """Design-bench's data law over the 65,536 sequences, float64 (65536,): palindromes count twice (65,792 rows)."""
-    tokens = decode_index(np.arange(NUM_SEQUENCES))
-    revcomp = encode_index((3 - tokens)[:, ::-1])  # A<->T, C<->G reversed
-    weights = np.where(revcomp == np.arange(NUM_SEQUENCES), 2.0, 1.0)
-    return weights / weights.sum()
-
-
-def pretraining_data() -> np.ndarray:
-    """The 65,792 one-hot rows the diffusion model is trained on, float32 (65792, 8, 4)."""
-    p = data_distribution()
-    idx = np.repeat(np.arange(NUM_SEQUENCES), np.round(p / p.min()).astype(int))
-    return one_hot(decode_index(idx)).numpy()
-
-
 # -- cache ------------------------------------------------------------------------------------------
 
 
@@ -185,19 +158,22 @@ def pretrained_model(
 
     Training uses one torch thread (small nets run many times faster so on a shared CPU).
     """
-    from rlft.models.pretrain import train_scorenet
-    from rlft.models.scorenet import load_scorenet, save_scorenet
-
     target = pretrained_dir(cache_dir, settings)
     with _locked(target.with_name(target.name + ".lock")):
         if not (target / "model.safetensors").is_file():
-            net = train_scorenet(
+            net = pretrain.train_scorenet(
                 pretraining_data(), arch="seq", steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                 hidden=settings.hidden, depth=settings.depth, seed=settings.seed, device="cpu", num_threads=1,
                 progress=progress,
             )
             save_scorenet(net, target)
     return load_scorenet(target, num_steps=num_steps)
+
+
+def build_tfbind8_model(cfg, num_steps: int) -> ScoreNetChain:
+    """The registry's `model: {type: tfbind8}` builder: `pretrained_model` for a `rlft.config` TFBind8 model config."""
+    settings = PretrainSettings(steps=cfg.pretrain_steps, hidden=cfg.hidden, depth=cfg.depth)
+    return pretrained_model(num_steps, cache_dir=cfg.cache_dir, settings=settings)
 
 
 # -- the learned oracle -----------------------------------------------------------------------------
@@ -246,8 +222,6 @@ def learned_oracle(
         half), `heldout_top10_corr` (the same on held-out sequences with r* in the top 10 %), `fit_val_corr` (on the
         early-stopping split, in the fitted (logit) space), `train_size`.
     """
-    from rlft.rewards.oracle import load_oracle, save_oracle, train_oracle
-
     table = load_table(scores) if table is None else table
     target = cache_root(cache_dir) / f"oracle-{_key({'v': 1, 'table': _table_digest(table), **asdict(settings)})}"
     with _locked(target.with_name(target.name + ".lock")):
@@ -274,7 +248,7 @@ def learned_oracle(
                 "train_size": int(len(train_idx)), "heldout_size": int(len(held_idx)), "split": settings.split,
             }
             save_oracle(mlp, target, metrics)
-    metrics = json.loads((target / "config.json").read_text())["metrics"]
+    metrics = read_oracle_state(target)["metrics"]
     return BoundedOracle(load_oracle(target), settings.output).eval().requires_grad_(False), metrics
 
 
@@ -303,13 +277,13 @@ class _Lookup:
         return self.table[sequence_index(x.detach())].to(x.dtype)
 
 
-@register_reward("tfbind8_exact")
 class TFBind8ExactReward(Reward):
     """r = r* = the exact binding score of the argmax-decoded sequence (not differentiable).
 
     YAML: ``reward: {type: tfbind8_exact}`` (SIX6, shipped) or ``{type: tfbind8_exact, scores: FILE}``.
     """
 
+    name = "tfbind8_exact"
     differentiable = False
 
     def __init__(self, scores: str | None = None) -> None:
@@ -319,7 +293,6 @@ class TFBind8ExactReward(Reward):
         return self.lookup(x)
 
 
-@register_reward("tfbind8_learned")
 class TFBind8LearnedReward(Reward):
     """r = the MLP oracle on the (continuous) state x, differentiable, in (0, 1); r* = exact score of argmax(x).
 
@@ -327,6 +300,8 @@ class TFBind8LearnedReward(Reward):
     design-bench's lower half, ``cache_dir`` to keep the trained oracle elsewhere. `metrics` holds the oracle's
     held-out correlation.
     """
+
+    name = "tfbind8_learned"
 
     def __init__(
         self,

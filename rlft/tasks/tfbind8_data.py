@@ -10,6 +10,9 @@ palindromes appear twice); the task's visible split keeps y at or below the 50th
 
 The package ships the SIX6 (reference allele, replicate 1) table as 65,536 float32 scores indexed by the
 base-4 code of the 8-mer (`rlft/data/tfbind8_six6.npy`; attribution and licence in `rlft/data/README.md`).
+
+A state of the diffusion is the one-hot 8-mer, (8, 4) (`one_hot`, `decode`, `sequence_index`); the model is
+trained on design-bench's 65,792 rows (`pretraining_data`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ALPHABET = "ACGT"
+ALPHABET_SIZE = 4
 SEQ_LEN = 8
+#: One state x: a one-hot 8-mer (or a continuous state of the same shape).
+EVENT_SHAPE = (SEQ_LEN, ALPHABET_SIZE)
 NUM_SEQUENCES = 4**SEQ_LEN
 _COMPLEMENT = str.maketrans("ACGT", "TGCA")
 _POWERS = 4 ** np.arange(SEQ_LEN - 1, -1, -1)  # (L,) first letter most significant
+_POWERS_T = torch.as_tensor(_POWERS, dtype=torch.long)  # (L,)
 
 
 @dataclass(frozen=True)
@@ -109,3 +117,44 @@ def shipped_table() -> np.ndarray:
 def load_table(scores_file: str | Path | None = None) -> np.ndarray:
     """Exact r* for every 8-mer: the shipped SIX6 table, or any raw file of the same format."""
     return shipped_table() if scores_file is None else read_scores_file(scores_file).table()
+
+
+# -- one-hot states (the diffusion's event space) ---------------------------------------------------------------------------------------
+
+
+def one_hot(tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Token ids (..., 8) -> one-hot float32 (..., 8, 4)."""
+    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens, dtype=torch.long)
+    return torch.nn.functional.one_hot(t, ALPHABET_SIZE).to(torch.float32)
+
+
+def decode(x: torch.Tensor) -> torch.Tensor:
+    """Argmax decoding of states (B, 8, 4) -> token ids (B, 8) int64."""
+    if x.ndim != 3 or tuple(x.shape[1:]) != EVENT_SHAPE:
+        raise ValueError(f"TFBind8 states must have shape (B, 8, 4) (got {tuple(x.shape)})")
+    return x.argmax(-1)
+
+
+def sequence_index(x: torch.Tensor) -> torch.Tensor:
+    """Base-4 code of the argmax-decoded sequence (B,) int64 (the index of `load_table`)."""
+    return (decode(x) * _POWERS_T.to(x.device)).sum(-1)
+
+
+def all_sequences() -> torch.Tensor:
+    """Every 8-mer as one-hot, (65536, 8, 4), in index order."""
+    return one_hot(decode_index(np.arange(NUM_SEQUENCES)))
+
+
+def data_distribution() -> np.ndarray:
+    """Design-bench's data law over the 65,536 sequences, float64 (65536,): palindromes count twice (65,792 rows)."""
+    tokens = decode_index(np.arange(NUM_SEQUENCES))
+    revcomp = encode_index((3 - tokens)[:, ::-1])  # A<->T, C<->G reversed
+    weights = np.where(revcomp == np.arange(NUM_SEQUENCES), 2.0, 1.0)
+    return weights / weights.sum()
+
+
+def pretraining_data() -> np.ndarray:
+    """The 65,792 one-hot rows the diffusion model is trained on, float32 (65792, 8, 4)."""
+    p = data_distribution()
+    idx = np.repeat(np.arange(NUM_SEQUENCES), np.round(p / p.min()).astype(int))
+    return one_hot(decode_index(idx)).numpy()

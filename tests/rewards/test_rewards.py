@@ -1,17 +1,15 @@
-"""Rewards: built-in values by hand, the checked `evaluate`, the registry's errors and user rewards, the MLP oracle."""
+"""Rewards: built-in values by hand, the checked `evaluate`, the registry's errors and user rewards."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from rlft.config import ConfigError
 from rlft.rewards import FunctionReward, RewardError, build_reward, evaluate, registered_rewards
 from rlft.rewards.builtin import DistanceToModeReward, LinearReward, QuadraticReward
-from rlft.rewards.oracle import MLPOracleReward, load_oracle, save_oracle, train_oracle
 
 F64 = torch.float64
 
@@ -86,13 +84,13 @@ def test_evaluate_rejects_a_non_tensor_and_checks_true_reward():
 
 def test_registry_lists_valid_types_and_names_unknown_keys():
     assert {"linear", "quadratic", "distance_to_mode", "mlp_oracle", "f_regularised"} <= set(registered_rewards())
-    with pytest.raises(ConfigError, match=r"reward.type: .*'nope' is not a registered reward; choose one of .*'quadratic'"):
+    with pytest.raises(ConfigError, match=r"reward.type: .*'nope' is not known; choose one of .*'quadratic'"):
         build_reward({"type": "nope"})
     with pytest.raises(ConfigError, match=r"reward.foo is not a parameter of QuadraticReward; valid: \['center', 'scale'\]"):
         build_reward({"type": "quadratic", "center": [0.0, 0.0], "foo": 1})
     with pytest.raises(ConfigError, match=r"reward.center is required"):
         build_reward({"type": "quadratic"})
-    with pytest.raises(ConfigError, match=r"cannot import module 'no_such_module_xyz'"):
+    with pytest.raises(ConfigError, match=r"module 'no_such_module_xyz' cannot be imported"):
         build_reward({"type": "no_such_module_xyz:R"})
 
 
@@ -123,72 +121,3 @@ def test_a_users_module_class_and_function_resolve(tmp_path, monkeypatch):
         build_reward({"type": "rlft_user_rewards_t1:Shifted", "shift": "big"})
     with pytest.raises(ConfigError, match=r"has no attribute 'Missing'"):
         build_reward({"type": "rlft_user_rewards_t1:Missing"})
-
-
-# -- the MLP oracle -------------------------------------------------------------------------------
-
-
-def _labelled(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-2.0, 2.0, size=(n, 2))
-    clean = np.sin(x[:, 0]) + x[:, 1] ** 2
-    return x, clean + 0.1 * rng.standard_normal(n), clean
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    x, y, _ = _labelled(2000, 0)
-    return train_oracle(x, y, hidden=(64, 64), epochs=150, lr=3e-3, seed=0, patience=20)
-
-
-def test_oracle_learns_a_known_function(trained):
-    oracle, info = trained
-    assert info["val_corr"] > 0.95 and info["val_mse"] < 0.1
-    x_test, _, clean = _labelled(1000, 1)  # held out, noise-free labels
-    with torch.no_grad():
-        pred = oracle(torch.as_tensor(x_test, dtype=torch.float32)).numpy()
-    assert np.corrcoef(pred, clean)[0, 1] > 0.95
-
-
-def test_oracle_round_trips_and_serves_as_a_differentiable_reward(trained, tmp_path):
-    oracle, info = trained
-    path = save_oracle(oracle, tmp_path / "oracle", metrics=info)
-    save_oracle(oracle, path)  # overwriting an existing directory is atomic too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["oracle"]
-    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(load_oracle(path)(x), oracle(x), rtol=0, atol=0)
-    reward = build_reward({"type": "mlp_oracle", "path": str(path)})
-    assert isinstance(reward, MLPOracleReward) and not reward.has_true_reward
-    xg = x.double().requires_grad_(True)
-    r = evaluate(reward, xg)
-    assert r.dtype == F64 and r.shape == (16,)
-    (grad,) = torch.autograd.grad(r.sum(), xg)
-    assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
-    # with a genuine reward r* beside the oracle r
-    both = build_reward({"type": "mlp_oracle", "path": str(path),
-                         "true_reward": {"type": "quadratic", "center": [0.0, 0.0], "scale": 2.0}})
-    assert both.has_true_reward
-    torch.testing.assert_close(evaluate(both, x, true=True), -(x**2).sum(-1))
-    with pytest.raises(ConfigError, match=r"reward.true_reward.type"):
-        build_reward({"type": "mlp_oracle", "path": str(path), "true_reward": {"type": "nope"}})
-    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 2\) \(2 features\), got \(4, 3\)"):
-        reward(torch.zeros(4, 3))
-
-
-def test_oracle_trains_on_the_fly_from_an_npz_and_checks_its_arguments(tmp_path):
-    x, y, _ = _labelled(300, 3)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    reward = build_reward({"type": "mlp_oracle", "data": str(tmp_path / "data.npz"), "hidden": [16], "epochs": 5})
-    assert reward.train_metrics["epochs"] <= 5 and math.isfinite(reward.train_metrics["val_mse"])
-    assert evaluate(reward, torch.zeros(3, 2)).shape == (3,)
-    with pytest.raises(ValueError, match=r"exactly one of `path`"):
-        MLPOracleReward()
-    with pytest.raises(FileNotFoundError, match=r"must hold config.json and model.safetensors"):
-        MLPOracleReward(path=str(tmp_path))
-    np.savez(tmp_path / "bad.npz", a=x)
-    with pytest.raises(ValueError, match=r"must hold arrays 'x' and 'y'"):
-        MLPOracleReward(data=str(tmp_path / "bad.npz"))
-    with pytest.raises(ValueError, match=r"x has 300 rows but y has 299 labels"):
-        train_oracle(x, y[:-1])

@@ -1,12 +1,17 @@
-"""The digit-classifier reward for the digits model: r(x) = log p(target | x) under a small CNN.
+"""The digits task: scikit-learn's 8x8 digits and the digit-classifier reward r(x) = log p(target | x).
 
-The classifier is trained on scikit-learn's 8x8 digits (in [-1, 1], shape (1, 8, 8); `rlft.models.digits`),
+The data ship with scikit-learn (`sklearn.datasets.load_digits`, 1797 images, no download), scaled from
+[0, 16] to [-1, 1], shape (1, 8, 8) (`load_digits_data`). The pretrained model on them, a tiny diffusers UNet,
+is trained by `rlft.tasks.digits_unet`; this module is what a YAML task's `digit_classifier` reward needs.
+
+The classifier is trained on the digits,
 with a little Gaussian input noise so that it stays calibrated on the slightly noisy samples a chain ends on,
 and with an eleventh class, "not a digit" (`NOT_A_DIGIT`), learned from random (white and smoothed) noise
 images. Without it a 10-way classifier is confident on noise (measured: mean max-probability 0.84 on clipped
 white noise), so log p(target | x) would reward non-digits; with it, p(target | x) is low off the digits.
-Training is seeded and takes seconds; its weights are cached (safetensors, written atomically) under
-`$RLFT_CACHE` or `~/.cache/rlft/`, so every process (Ray workers included) loads the same classifier.
+Training is seeded and takes seconds; its weights are cached (safetensors through `rlft.checkpoint`, written
+atomically, with format name and version in the file's metadata) under `$RLFT_CACHE` or `~/.cache/rlft/`, so
+every process (Ray workers included) loads the same classifier.
 
     reward: {type: digit_classifier, target: 3}          # r(x) = log softmax(f(x))[3], differentiable in x
 """
@@ -20,20 +25,34 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from rlft.rewards.base import Reward, register_reward
+from rlft import checkpoint
+from rlft.rewards.base import Reward
 
+#: Image shape of one digit.
+DIGIT_SHAPE = (1, 8, 8)
 NUM_DIGITS = 10
 #: Index of the "not a digit" class (logits have NUM_DIGITS + 1 entries).
 NOT_A_DIGIT = NUM_DIGITS
 CACHE_ENV = "RLFT_CACHE"
-#: Bump when the architecture or the training recipe changes (invalidates cached weights).
+FORMAT = "rlft-digit-classifier"
+#: Bump when the architecture or the training recipe changes (invalidates cached weights). 2: eleven classes
+#: ("not a digit" added); 1: ten classes.
 FORMAT_VERSION = 2
+
+
+def load_digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits in [-1, 1]: images (1797, 1, 8, 8) and labels (1797,) int64."""
+    from sklearn.datasets import load_digits  # scikit-learn is imported only by whoever needs the data
+
+    data = load_digits()
+    images = torch.as_tensor(np.asarray(data.images, dtype=np.float64) / 8.0 - 1.0, dtype=dtype)
+    return images.reshape(-1, *DIGIT_SHAPE), torch.as_tensor(data.target, dtype=torch.long)  # (N, 1, 8, 8), (N,)
 
 
 @dataclass(frozen=True)
@@ -97,8 +116,6 @@ def noise_images(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def train_classifier(training: ClassifierTraining = ClassifierTraining()) -> tuple[DigitCNN, float]:
     """Trains the CNN on the training split; returns it (eval mode, frozen) and its held-out accuracy."""
-    from rlft.models.digits import load_digits_data
-
     images, labels = load_digits_data()  # (N, 1, 8, 8), (N,)
     train_idx, test_idx = _split(images.shape[0], training.holdout, training.seed)
     generator = torch.Generator().manual_seed(training.seed)
@@ -145,28 +162,58 @@ def _cache_file(training: ClassifierTraining) -> Path:
 
 
 def save_classifier(net: DigitCNN, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Writes the weights (safetensors) atomically: a temporary file beside `path`, then a rename."""
-    from rlft.files import atomic_path
-
+    """Writes the weights (safetensors, format name and version in its metadata) atomically (`rlft.checkpoint`)."""
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "rlft-digit-classifier", "version": str(FORMAT_VERSION), **(metadata or {})})
+    checkpoint.save_module(path, net, metadata={"format": FORMAT, "version": str(FORMAT_VERSION), **(metadata or {})})
     return path
 
 
+def _file_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise checkpoint.CheckpointError(f"digit classifier weights {path} cannot be read ({err}); the file is damaged") from None
+
+
+def _check_version(path: Path, meta: dict[str, str]) -> None:
+    """A file of another format or version fails with which wrote it and what to do (unmarked files are tried)."""
+    fmt, version = meta.get("format"), meta.get("version")
+    if fmt is None and version is None:
+        return  # plain DigitCNN weights without rlft's metadata: loading decides whether they fit
+    if fmt != FORMAT:
+        raise checkpoint.CheckpointError(f"{path} is a {fmt!r} file, not {FORMAT!r} weights: pass weights written by save_classifier")
+    got = int(version) if str(version).isdigit() else version
+    if got == FORMAT_VERSION:
+        return
+    if isinstance(got, int) and got < FORMAT_VERSION:
+        raise checkpoint.CheckpointError(
+            f"{path} was written by {FORMAT} version {got} (ten classes, before the 'not a digit' class); this rlft reads "
+            f"version {FORMAT_VERSION}: retrain it (omit `path` to train and cache the default classifier, or write new "
+            "weights with save_classifier(train_classifier()[0], path))"
+        )
+    raise checkpoint.CheckpointError(
+        f"{path} was written by {FORMAT} version {version!r}; this rlft reads version {FORMAT_VERSION}: upgrade rlft to "
+        "the release that wrote it"
+    )
+
+
 def load_classifier(path: str | os.PathLike) -> tuple[DigitCNN, dict[str, str]]:
-    """Loads weights written by `save_classifier`; returns the network (eval, frozen) and the file's metadata."""
+    """Loads weights written by `save_classifier`; returns the network (eval, frozen) and the file's metadata.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        rlft.checkpoint.CheckpointError (a ValueError): a damaged file, another format or version (naming which
+            wrote it and what to do), or weights that do not fit `DigitCNN`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"digit classifier weights {str(path)!r} do not exist; omit `path` to train and cache them")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _file_metadata(path)
+    _check_version(path, meta)
     net = DigitCNN()
-    try:
-        net.load_state_dict(load_file(str(path)))
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not hold DigitCNN weights ({err})") from None
+    checkpoint.load_module(path, net)
     return net.eval().requires_grad_(False), meta
 
 
@@ -185,13 +232,13 @@ def cached_classifier(training: ClassifierTraining = ClassifierTraining()) -> tu
     return net, acc
 
 
-@register_reward("digit_classifier")
 class DigitClassifierReward(Reward):
     """r(x) = log p(target | x) under a CNN trained on the 8x8 digits; x is (B, 1, 8, 8) (or (B, 64)) in [-1, 1].
 
     p is over the ten digits and "not a digit" (`NOT_A_DIGIT`), so noise-like images get a low reward.
     """
 
+    name = "digit_classifier"
     differentiable = True
 
     def __init__(self, target: int = 0, path: str | None = None, seed: int = 0) -> None:

@@ -1,15 +1,14 @@
 """The digits model: a tiny diffusers UNet2DModel trained on scikit-learn's 8x8 digits, as a `DiffusersChain`.
 
-The data ship with scikit-learn (`sklearn.datasets.load_digits`, 1797 images, no download), scaled from
-[0, 16] to [-1, 1], shape (1, 8, 8). The UNet predicts the noise of the DDPM forward process and is trained
+The data and the digit-classifier reward are the digits task's (`rlft.tasks.digits`). The UNet predicts the noise of the DDPM forward process and is trained
 with the simple epsilon loss (Ho et al. 2020, eq. 14), using the scheduler's own `add_noise`:
 
     L(theta) = E_{x0, tau ~ U{0..N-1}, eps ~ N(0, I)} |eps_theta(sqrt(ab_tau) x0 + sqrt(1 - ab_tau) eps, tau) - eps|^2
 
 An exponential moving average of the weights is what gets returned and saved. The result is the platform's
-image-shaped pretrained model: the digit-classifier reward (`rlft.rewards.digits`) tilts it towards one digit.
+image-shaped pretrained model: the digit-classifier reward (`rlft.tasks.digits`) tilts it towards one digit.
 
-    python -m rlft.models.digits --out runs/digits --steps 1000      # trains, then save_pretrained(DIR)
+    python -m rlft.tasks.digits_unet --out runs/digits --steps 1000      # trains, then save_pretrained(DIR)
 
 Measured (one CPU core, batch 128, K = 50 DDPM sampling, 500 samples judged by the digit classifier with its
 "not a digit" class; real digits: confident fraction 0.976, energy distance floor 0.021):
@@ -34,22 +33,12 @@ import sys
 import time
 from typing import Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-#: Image shape of one digit.
-DIGIT_SHAPE = (1, 8, 8)
-
-
-def load_digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits in [-1, 1]: images (1797, 1, 8, 8) and labels (1797,) int64."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.as_tensor(np.asarray(data.images, dtype=np.float64) / 8.0 - 1.0, dtype=dtype)
-    return images.reshape(-1, *DIGIT_SHAPE), torch.as_tensor(data.target, dtype=torch.long)  # (N, 1, 8, 8), (N,)
-
+from rlft.metrics import energy_distance
+from rlft.sampling import sample
+from rlft.tasks.digits import NOT_A_DIGIT, DigitClassifierReward, load_digits_data
 
 def tiny_unet_config(block_out_channels: tuple[int, int] = (16, 32)) -> dict:
     """A UNet2DModel config for 8x8 one-channel images: two resolutions (8, 4), attention at 4x4 (177k parameters)."""
@@ -199,10 +188,6 @@ def sample_quality(chain, n: int = 500, seed: int = 0, progress: bool = False, t
         class_entropy: entropy (nats) of the predicted-digit histogram, log 10 = 2.30 when balanced;
         energy_distance: to n real digits; energy_distance_floor: between two disjoint sets of n real digits.
     """
-    from rlft.metrics import energy_distance
-    from rlft.rewards.digits import NOT_A_DIGIT, DigitClassifierReward
-    from rlft.sampling import sample
-
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -228,7 +213,7 @@ def sample_quality(chain, n: int = 500, seed: int = 0, progress: bool = False, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlft.models.digits", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlft.tasks.digits_unet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for save_pretrained (unet/ and scheduler/)")
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps (1000: about a minute of one CPU core)")
     parser.add_argument("--batch-size", type=int, default=128)

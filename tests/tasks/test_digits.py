@@ -1,4 +1,5 @@
-"""The digit-classifier reward: accuracy, shapes, gradients, the cache, loading, and its errors."""
+"""The digits task: the data and the digit-classifier reward (accuracy, shapes, gradients, the cache, loading,
+versioned weights, and its errors)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import torch
 
 from rlft.config import ConfigError
 from rlft.rewards import build_reward, evaluate, registered_rewards
-from rlft.rewards.digits import (
+from rlft.tasks.digits import (
     NOT_A_DIGIT,
     ClassifierTraining,
     DigitClassifierReward,
     _cache_file,
     _split,
     accuracy,
+    load_classifier,
+    load_digits_data,
     noise_images,
     save_classifier,
 )
@@ -36,8 +39,6 @@ def reward(cache) -> DigitClassifierReward:
 
 @pytest.fixture(scope="module")
 def digits():
-    from rlft.models.digits import load_digits_data
-
     return load_digits_data()
 
 
@@ -105,3 +106,28 @@ def test_registered_and_buildable_from_yaml(cache):
     assert isinstance(r, DigitClassifierReward) and r.target == 7 and r.name == "digit_classifier"
     with pytest.raises(ConfigError, match="reward.colour"):
         build_reward({"type": "digit_classifier", "colour": 1})
+
+
+def test_weights_round_trip_and_files_of_other_versions_say_what_to_do(tmp_path, reward, digits):
+    from safetensors.torch import save_file
+
+    from rlft import checkpoint
+    from rlft.tasks.digits import FORMAT, FORMAT_VERSION
+
+    path = save_classifier(reward.net, tmp_path / "clf.safetensors", {"holdout_accuracy": "0.5"})
+    net, meta = load_classifier(path)
+    assert meta["format"] == FORMAT and meta["version"] == str(FORMAT_VERSION) and meta["holdout_accuracy"] == "0.5"
+    for name, value in reward.net.state_dict().items():
+        assert torch.equal(net.state_dict()[name], value), name
+    # files written before rlft.checkpoint carry the same metadata (format, version 2) and load unchanged
+    state = {k: v.contiguous() for k, v in reward.net.state_dict().items()}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"format": FORMAT, "version": "2", "holdout_accuracy": "0.9"})
+    old = DigitClassifierReward(target=3, path=str(tmp_path / "old.safetensors"))
+    assert torch.equal(old(digits[0][:8]), reward(digits[0][:8])) and old.holdout_accuracy == 0.9
+    # version 1 (ten classes) and newer versions fail with which version wrote them and what to do
+    save_file(state, str(tmp_path / "v1.safetensors"), metadata={"format": FORMAT, "version": "1"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"written by rlft-digit-classifier version 1 .*retrain it"):
+        load_classifier(tmp_path / "v1.safetensors")
+    save_file(state, str(tmp_path / "v9.safetensors"), metadata={"format": FORMAT, "version": "9"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"version '9'.*upgrade rlft"):
+        load_classifier(tmp_path / "v9.safetensors")

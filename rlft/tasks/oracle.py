@@ -4,7 +4,8 @@ ELEGANT §8 / App. F.1 (Table 5) learn the reward r of the biological tasks with
 one-hot input (Linear 500 -> ReLU -> Linear 200 -> ReLU -> Linear 1), trained on part of the data, so that the
 nominal r is an imperfect oracle of a genuine r*. `train_oracle` fits such a regressor (inputs and targets
 standardised inside the model, Adam with weight decay, early stopping on a validation split);
-`save_oracle`/`load_oracle` store it as config.json + model.safetensors (atomic, no pickles);
+`save_oracle`/`load_oracle` store it as rlft.json + model.safetensors through `rlft.checkpoint` (atomic, no
+pickles; directories of the earlier config.json layout still load);
 `MLPOracleReward` (registry name `mlp_oracle`) serves it as a differentiable reward, optionally beside a
 genuine reward r* given as a nested reward spec.
 """
@@ -14,20 +15,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlft.rewards.base import Reward, register_reward
+from rlft import checkpoint
+from rlft.rewards.base import Reward, build_reward
 
-CONFIG_FILE = "config.json"
+FORMAT = "rlft-mlp-oracle"
+#: 2: `rlft.checkpoint`'s rlft.json; 1: the same {"oracle", "metrics"} in config.json, no format/version keys
+FORMAT_VERSION = 2
+LEGACY_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VAL_CORR = "val_corr"
 VAL_MSE = "val_mse"
@@ -193,38 +195,49 @@ def train_oracle(
 
 
 def save_oracle(oracle: MLPOracle, path: str | os.PathLike, metrics: dict[str, float] | None = None) -> Path:
-    """Writes DIR/config.json + DIR/model.safetensors atomically (a sibling temp dir renamed into place)."""
+    """Writes DIR/rlft.json (format, version, architecture, metrics) + DIR/model.safetensors, atomically."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        cfg = asdict(oracle.config)
-        cfg["input_shape"], cfg["hidden"] = list(cfg["input_shape"]), list(cfg["hidden"])
-        (tmp / CONFIG_FILE).write_text(json.dumps({"oracle": cfg, "metrics": metrics or {}}, indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in oracle.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    cfg = asdict(oracle.config)
+    cfg["input_shape"], cfg["hidden"] = list(cfg["input_shape"]), list(cfg["hidden"])
+    with checkpoint.atomic_dir(target) as tmp:
+        checkpoint.write_state(tmp, FORMAT, FORMAT_VERSION, {"oracle": cfg, "metrics": metrics or {}})
+        checkpoint.save_module(tmp / WEIGHTS_FILE, oracle)
     return target
 
 
-def load_oracle(path: str | os.PathLike) -> MLPOracle:
-    """Rebuilds an oracle written by `save_oracle` (no unpickling)."""
+def read_oracle_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON state of a saved oracle, {"oracle": architecture, "metrics": ...}, of any format version.
+
+    Version 1 (rlft before `rlft.checkpoint`) wrote the same two keys, without format and version, to
+    config.json; it is read as is.
+    """
     root = Path(path)
-    cfg_file, weights = root / CONFIG_FILE, root / WEIGHTS_FILE
-    if not cfg_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"mlp_oracle path {str(root)!r} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_oracle)")
-    raw = json.loads(cfg_file.read_text())["oracle"]
-    config = OracleConfig(tuple(raw["input_shape"]), tuple(raw["hidden"]), raw.get("activation", "relu"))
-    model = MLPOracle(config)
-    model.load_state_dict(load_file(str(weights)))
+    legacy = root / LEGACY_CONFIG_FILE
+    if not (root / checkpoint.STATE_FILE).is_file() and legacy.is_file():
+        try:
+            state = json.loads(legacy.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise checkpoint.CheckpointError(f"{legacy} cannot be read ({err}); re-create the oracle with save_oracle") from None
+        if not isinstance(state, dict) or "oracle" not in state:
+            raise checkpoint.CheckpointError(
+                f"{legacy} holds no 'oracle' entry: it was not written by save_oracle (format {FORMAT!r} version 1); "
+                "re-create the oracle with save_oracle"
+            )
+        return {"format": FORMAT, "version": 1, **state}
+    return checkpoint.read_state(root, FORMAT, FORMAT_VERSION)
+
+
+def load_oracle(path: str | os.PathLike) -> MLPOracle:
+    """Rebuilds an oracle written by `save_oracle` (this version, or version 1's config.json layout); no unpickling."""
+    root = Path(path)
+    if not (root / WEIGHTS_FILE).is_file() or not any((root / n).is_file() for n in (checkpoint.STATE_FILE, LEGACY_CONFIG_FILE)):
+        raise FileNotFoundError(
+            f"mlp_oracle path {str(root)!r} must hold {checkpoint.STATE_FILE} (or {LEGACY_CONFIG_FILE}, version 1) and "
+            f"{WEIGHTS_FILE} (written by save_oracle)"
+        )
+    raw = read_oracle_state(root)["oracle"]
+    model = MLPOracle(OracleConfig(tuple(raw["input_shape"]), tuple(raw["hidden"]), raw.get("activation", "relu")))
+    checkpoint.load_module(root / WEIGHTS_FILE, model)
     return model.eval()
 
 
@@ -246,13 +259,14 @@ def load_labelled(data: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 # -- the reward -----------------------------------------------------------------------------------
 
 
-@register_reward("mlp_oracle")
 class MLPOracleReward(Reward):
     """r(x) = the MLP oracle (differentiable); r*(x) = a nested genuine reward when `true_reward` is given.
 
     YAML: `reward: {type: mlp_oracle, path: DIR}` (from `save_oracle`), or `{type: mlp_oracle, data: FILE.npz}`
     to train on the fly, optionally with `true_reward: {type: quadratic, ...}`.
     """
+
+    name = "mlp_oracle"
 
     def __init__(
         self,
@@ -278,8 +292,6 @@ class MLPOracleReward(Reward):
         self.oracle.requires_grad_(False)
         self._true: Reward | None = None
         if true_reward is not None:
-            from rlft.rewards.base import build_reward
-
             context = {"model": model} if model is not None else {}
             self._true = build_reward(true_reward, path="reward.true_reward", **context)
 
