@@ -3,7 +3,8 @@
 Both are `rlft.sampling.Control` callables (k, x_k, cond) -> delta_k, so `rlft.sampling.sample` and
 `rlft.evaluation.evaluate_run` run them like any fine-tuned sampler (and report their path KL exactly).
 A `CoefficientChain`'s mean is m_k = c_x x + c_s score; replacing the score by score + g adds delta_k = c_s g,
-with c_s = `mean_score[k]` ~ sigma^2(t_k) dt (the Euler-Maruyama coefficient of the score).
+with c_s = `mean_score[k]` ~ sigma^2(t_k) dt (the Euler-Maruyama coefficient of the score). A `ControlledChain`
+over such a chain (a fine-tuned sampler) has the same coefficients, so it can be guided too.
 
 1. Classifier guidance (ELEGANT App. E.3, after Dhariwal & Nichol 2021): a time-conditioned classifier
    P_t(y = 1 | x_t) of "x is in the top 10 %" on noisy x_t, and at sampling time
@@ -34,25 +35,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rlft.models.base import CoefficientChain, DiffusionModel
+from rlft.models.base import DiffusionModel
+from rlft.models.nets import dyadic_time_features, mlp
 from rlft.rewards.base import Reward, evaluate
 from rlft.schedule import VPSchedule
 
 
-def _check_chain(model: DiffusionModel, who: str) -> CoefficientChain:
-    if not isinstance(model, CoefficientChain):
+def _check_chain(model: DiffusionModel, who: str) -> DiffusionModel:
+    """The model, if its steps have `LevelCoefficients` (a `CoefficientChain`, or a `ControlledChain` over one)."""
+    if not isinstance(model, DiffusionModel) or getattr(model, "coefficients", None) is None:
         raise TypeError(
-            f"{who} needs a CoefficientChain (score-based chain such as ScoreNetChain or GMMModel) to turn a score "
-            f"shift into a mean shift (got {type(model).__name__})"
+            f"{who} needs a CoefficientChain (score-based chain such as ScoreNetChain or GMMModel, or a ControlledChain "
+            f"over one) to turn a score shift into a mean shift (got {type(model).__name__})"
         )
     return model
-
-
-def noise_features(noise_std: torch.Tensor, num_frequencies: int) -> torch.Tensor:
-    """Sinusoidal features [sin(pi 2^j n), cos(pi 2^j n)]_{j < F} of the noise std n = sqrt(1 - a^2) in [0, 1], (B, 2F)."""
-    freqs = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=noise_std.dtype, device=noise_std.device)  # (F,)
-    ang = noise_std[:, None] * freqs[None]  # (B, F)
-    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -75,17 +71,13 @@ class NoisyClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
-        width = math.prod(config.event_shape) + 2 * config.num_frequencies
-        layers: list[nn.Module] = []
-        for _ in range(config.depth):
-            layers += [nn.Linear(width, config.hidden), nn.SiLU()]
-            width = config.hidden
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        # parameter names net.{0, 2, ...} as before the shared builder: saved classifiers still load
+        self.net = mlp(math.prod(config.event_shape) + 2 * config.num_frequencies, config.hidden, config.depth, 1)
 
     def forward(self, x: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
         """Logits (B,) for states x (B, *event) at noise stds (B,)."""
-        feats = noise_features(noise_std.to(x.dtype), self.config.num_frequencies)
+        # [sin(pi 2^j n), cos(pi 2^j n)]_{j < F} of the noise std n = sqrt(1 - a^2) in [0, 1], (B, 2F)
+        feats = dyadic_time_features(noise_std.to(x.dtype), x.shape[0], self.config.num_frequencies, like=x)
         return self.net(torch.cat([x.reshape(x.shape[0], -1), feats], dim=-1)).squeeze(-1)
 
 

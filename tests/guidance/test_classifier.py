@@ -87,3 +87,50 @@ def test_guidance_rejects_what_it_cannot_use(gmm2d):
         train_noisy_classifier(torch.zeros(4, 2), torch.tensor([0.0, 2.0, 1.0, 0.0]), steps=1)
     with torch.no_grad():
         assert math.isfinite(float(clf(torch.zeros(3, 2), torch.full((3,), 0.5)).sum()))
+
+
+def _old_classifier_logits(state: dict, x: torch.Tensor, noise_std: torch.Tensor, num_frequencies: int, depth: int):
+    """The classifier as written before the shared `rlft.models.nets` builder: its own MLP and noise features."""
+    freqs = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=x.dtype)
+    ang = noise_std[:, None] * freqs[None]
+    h = torch.cat([x.reshape(x.shape[0], -1), torch.sin(ang), torch.cos(ang)], dim=-1)
+    for i in range(depth):
+        h = torch.nn.functional.silu(h @ state[f"net.{2 * i}.weight"].T + state[f"net.{2 * i}.bias"])
+    return (h @ state[f"net.{2 * depth}.weight"].T + state[f"net.{2 * depth}.bias"]).squeeze(-1)
+
+
+def test_classifier_keeps_its_parameter_layout_and_features(tmp_path):
+    """A classifier saved before the shared MLP builder loads into today's and gives the same logits."""
+    from rlft import checkpoint
+
+    config = ClassifierConfig((2, 3), hidden=16, depth=2, num_frequencies=4)
+    torch.manual_seed(0)
+    saved = NoisyClassifier(config).double()
+    checkpoint.save_module(tmp_path / "clf.safetensors", saved)
+    state = checkpoint.load_tensors(tmp_path / "clf.safetensors")
+    assert sorted(state) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight", "net.4.bias", "net.4.weight"]
+    assert state["net.0.weight"].shape == (16, 6 + 8) and state["net.4.weight"].shape == (1, 16)
+    loaded = NoisyClassifier(config).double()
+    checkpoint.load_module(tmp_path / "clf.safetensors", loaded)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    n = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, n), _old_classifier_logits(state, x, n, 4, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_runs_on_a_fine_tuned_sampler(gmm2d):
+    """A ControlledChain (the exact optimal chain) is guided like the chain of its target: same score, same c_s."""
+    from rlft.models.base import ControlledChain
+
+    reward, alpha = LinearReward([0.8, -0.2]), 0.7
+    reward.direction = reward.direction.double()
+    oc = gmm2d.optimal_control(reward, alpha)
+    tuned = ControlledChain(gmm2d, oc)
+    target_chain = GMMModel(oc.target.mixture, num_steps=gmm2d.num_steps, schedule=gmm2d.schedule).to(dtype=torch.float64)
+    guide = LinearReward([0.0, 1.0])
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for k in (0, 20, gmm2d.num_steps - 1):
+        torch.testing.assert_close(ExpectedRewardGuidance(tuned, guide, 0.5)(k, x),
+                                   ExpectedRewardGuidance(target_chain, guide, 0.5)(k, x), rtol=1e-7, atol=1e-9)
+    clf = NoisyClassifier(ClassifierConfig((2,), hidden=8, depth=1)).double()
+    torch.testing.assert_close(ClassifierGuidance(tuned, clf, 2.0)(5, x), ClassifierGuidance(gmm2d, clf, 2.0)(5, x))
