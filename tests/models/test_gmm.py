@@ -102,14 +102,37 @@ def test_tilted_target_is_normalised_and_agrees_with_density_ratio(gmm3d):
     assert torch.allclose(lhs, rhs, atol=1e-10)
 
 
+def _reverse_conditional_mean(mix: GaussianMixture, ab: float, ab_next: float, x: torch.Tensor) -> torch.Tensor:
+    """E[y_{s'} | y_s = x] of the forward-diffused mixture, written out from the joint Gaussians (no chain coefficients).
+
+    Per component c (mean m, std v0): y_{s'} = a' x0 + sqrt(1 - a'^2) e1, y_s = sqrt(ab/ab') y_{s'} + sqrt(1 - ab/ab') e2,
+    so Var y_{s'} = a'^2 v0^2 + 1 - a'^2 =: v', Var y_s = a^2 v0^2 + 1 - a^2 =: v, Cov = sqrt(ab/ab') v', and
+    E[y_{s'} | y_s = x, c] = a' m + sqrt(ab/ab') v'/v (x - a m); the components are weighted by w_c N(x; a m, v I).
+    """
+    a, a_next = math.sqrt(ab), math.sqrt(ab_next)
+    out, logw = [], []
+    for w, m, sd in zip(mix.weights, mix.means, mix.stds):
+        v_next, v = ab_next * sd**2 + 1 - ab_next, ab * sd**2 + 1 - ab
+        out.append(a_next * m + math.sqrt(ab / ab_next) * v_next / v * (x - a * m))  # (B, D)
+        dist = torch.distributions.MultivariateNormal(a * m, v * torch.eye(x.shape[1], dtype=torch.float64))
+        logw.append(torch.log(w) + dist.log_prob(x))  # (B,)
+    resp = torch.softmax(torch.stack(logw, -1), -1)  # (B, C)
+    return (resp[..., None] * torch.stack(out, 1)).sum(1)  # (B, D)
+
+
 def test_optimal_control_is_the_target_chain(gmm2d):
-    """delta*_k turns the pretrained mean into the mean of the chain built on the tilted mixture."""
+    """delta*_k turns the pretrained mean into E_tar[x_{k+1} | x_k]: the DDPM posterior mean with the exact score is the
+    exact reverse conditional mean of the forward-diffused target (Tweedie), checked against the joint Gaussians."""
     reward = QuadraticReward([1.0, 0.0], 1.0)
+    reward.center = reward.center.double()
     oc = gmm2d.optimal_control(reward, 1.0)
-    target_chain = GMMModel(oc.target.mixture, num_steps=gmm2d.num_steps, schedule=gmm2d.schedule)
-    x = torch.randn(32, 2, dtype=torch.float64)
-    for k in [0, 10, 49]:
-        assert torch.allclose(gmm2d.mean(k, x) + oc(k, x), target_chain.mean(k, x), atol=1e-12)
+    ab = gmm2d.coefficients.alpha_bar
+    x = 1.5 * torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for k in [0, 10, 30, 49]:
+        want = _reverse_conditional_mean(oc.target.mixture, ab[k], ab[k + 1], x)
+        assert torch.allclose(gmm2d.mean(k, x) + oc(k, x), want, rtol=1e-9, atol=1e-10), k
+        # and without the control, the pretrained mean is that of the pretrained mixture
+        assert torch.allclose(gmm2d.mean(k, x), _reverse_conditional_mean(gmm2d.data, ab[k], ab[k + 1], x), rtol=1e-9, atol=1e-10)
     for k in [0, 10, 25]:
         # the continuous-time control u* = sigma^2 (score_tar - score) gives delta = u* dt to first order
         # in the step (mean_score_k = beta(s_k) dt_k + O(dt^2); not on the last steps, where beta varies
