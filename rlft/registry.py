@@ -56,7 +56,8 @@ _TABLE: dict[str, dict[str, str]] = {
     },
     "sampler": {
         "classifier": "rlft.guidance.classifier:ClassifierGuidance",
-        "restart": "rlft.guidance.restart:RestartSampler",
+        "expected_reward": "rlft.guidance.classifier:ExpectedRewardGuidance",
+        "restart": "rlft.guidance.restart:restart_sample",
     },
 }
 
