@@ -209,3 +209,91 @@ def test_custom_divergence_reproduces_kl_and_rejects_a_decreasing_f_prime():
     bad = dv.custom_divergence(lambda t: -torch.log(t), lambda y: torch.exp(-y), name="decreasing")
     with pytest.raises(ValueError, match=r"'decreasing'.*f' is increasing"):
         dv.solve_lambda(r, 1.0, bad)
+
+
+# -- the variational check: the f-tilted target maximises E_p[r] - alpha D_f(p || p_pre) ----------------
+#
+# D_f is written here from each divergence's textbook definition, independent of `FDivergence.f`, so the check
+# ties the library's (f')^{-1} to the NAME and the DIRECTION (p || p_pre) the option promises.
+
+
+def _named_divergence(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """D(p || q) over atoms (p >= 0, q > 0) from its definition, float64."""
+    if name == "kl":  # KL(p || q)
+        return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum()
+    if name == "forward_kl":  # KL(q || p): +inf where p = 0
+        return (q * (torch.log(q) - torch.log(p))).sum()
+    if name == "chi2":  # Pearson chi^2(p || q)
+        return ((p - q) ** 2 / q).sum()
+    if name == "js":  # Jensen-Shannon, m = (p + q)/2
+        m = 0.5 * (p + q)
+        return 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum() + 0.5 * (q * (torch.log(q) - torch.log(m))).sum()
+    if name == "hellinger":  # squared Hellinger, sum (sqrt p - sqrt q)^2
+        return ((p.sqrt() - q.sqrt()) ** 2).sum()
+    if name.startswith("gamma:"):  # Amari alpha-divergence: (1 - sum p^(1-g) q^g) / (g (1 - g)); KL as g -> 0
+        g = float(name.partition(":")[2])
+        return (1.0 - (p.pow(1.0 - g) * q.pow(g)).sum()) / (g * (1.0 - g))
+    raise AssertionError(name)
+
+
+# six atoms; p_pre has multiplicities (3, 1, 2, 2, 1, 1)/10, so `solve_lambda` over the repeated rewards is the
+# exact root under p_pre. With alpha = 0.4, chi^2's clip is active at the lowest reward (p = 0 there).
+_ATOMS_R = torch.tensor([-1.0, 0.3, 0.8, -0.4, 1.5, 0.0], dtype=torch.float64)
+_ATOMS_MULT = torch.tensor([3, 1, 2, 2, 1, 1])
+_ATOMS_ALPHA = 0.4
+VARIATIONAL = ["kl", "forward_kl", "chi2", "js", "hellinger", "gamma:0.5"]
+#: each divergence's (f')^{-1} swapped for another's (the negative control)
+SWAPPED = {"kl": "forward_kl", "forward_kl": "kl", "chi2": "js", "js": "chi2", "hellinger": "gamma:0.5", "gamma:0.5": "hellinger"}
+
+
+def _tilted_target(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_pre, p) with p = (f')^{-1}((r - lambda)/alpha) p_pre for the library's divergence `name`."""
+    p_pre = _ATOMS_MULT.double() / _ATOMS_MULT.sum()
+    lam = dv.solve_lambda(_ATOMS_R.repeat_interleave(_ATOMS_MULT), _ATOMS_ALPHA, name)
+    p = dv.f_tilt_weights(_ATOMS_R, _ATOMS_ALPHA, name, lam) * p_pre
+    return p_pre, p
+
+
+def _objective(name: str, p: torch.Tensor, p_pre: torch.Tensor) -> float:
+    return float((p * _ATOMS_R).sum() - _ATOMS_ALPHA * _named_divergence(name, p, p_pre))
+
+
+def _perturbations(p: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """Feasible neighbours of p (normalised, >= 0): mixtures towards random points of the simplex at several step
+    sizes, and every single move of mass from one atom to another."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in (1e-3, 1e-2, 0.1, 0.5):
+        for _ in range(50):
+            q = -torch.log(torch.rand(p.numel(), generator=gen, dtype=torch.float64))  # Dirichlet(1)
+            out.append((1.0 - t) * p + t * q / q.sum())
+    eps = 1e-3
+    for i in range(p.numel()):
+        for j in range(p.numel()):
+            if i != j and p[i] >= eps:
+                moved = p.clone()
+                moved[i] -= eps
+                moved[j] += eps
+                out.append(moved)
+    return out
+
+
+@pytest.mark.parametrize("name", VARIATIONAL)
+def test_the_f_tilted_target_beats_every_feasible_perturbation_of_itself(name):
+    """TANG Prop. 4.1: p = (f')^{-1}((r - lambda)/alpha) p_pre maximises E_p[r] - alpha D_f(p || p_pre) over the simplex."""
+    p_pre, p = _tilted_target(name)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-10) and bool((p >= 0).all())
+    if name == "chi2":
+        assert float(p[0]) == 0.0, "the KKT clip should be active at the lowest reward (the test covers it)"
+    best = _objective(name, p, p_pre)
+    gaps = torch.tensor([best - _objective(name, other, p_pre) for other in _perturbations(p)])
+    assert bool((gaps > 0).all()), f"{name}: {int((gaps <= 0).sum())} perturbations do at least as well (min gap {float(gaps.min()):.3g})"
+
+
+@pytest.mark.parametrize("name", VARIATIONAL)
+def test_the_check_fails_when_f_prime_is_another_divergences(name):
+    """Negative control: the tilt of another divergence's (f')^{-1} is beaten under this divergence's objective."""
+    p_pre, wrong = _tilted_target(SWAPPED[name])
+    best = _objective(name, wrong, p_pre)
+    gaps = torch.tensor([best - _objective(name, other, p_pre) for other in _perturbations(wrong)])
+    assert bool((gaps < 0).any()), f"{name}: the tilt of {SWAPPED[name]} was not beaten"
