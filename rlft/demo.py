@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from rlft.config import DEFAULT_TASK, ConfigError, load_task, task_from_dict
+from rlft.files import atomic_path
 
 ROWS = [
     ("reward", "reward", "{:.4f}"),
@@ -113,8 +114,6 @@ def _scatter(samples: dict, path: str, task) -> Path:
         ax.set_aspect("equal")
     fig.suptitle(f"rlft demo: alpha={task.alpha}, K={task.num_steps}")
     fig.tight_layout()
-    from rlft.files import atomic_path
-
     try:
         with atomic_path(path, suffix=".png") as tmp:  # never leave a half-written PNG behind
             fig.savefig(tmp, dpi=110)

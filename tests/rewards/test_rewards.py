@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from rlft import registry
 from rlft.config import ConfigError
-from rlft.rewards import FunctionReward, RewardError, build_reward, evaluate, registered_rewards
+from rlft.rewards import FunctionReward, Reward, RewardError, build_reward, evaluate, register_reward, registered_rewards
 from rlft.rewards.builtin import DistanceToModeReward, LinearReward, QuadraticReward
 
 F64 = torch.float64
@@ -121,3 +122,21 @@ def test_a_users_module_class_and_function_resolve(tmp_path, monkeypatch):
         build_reward({"type": "rlft_user_rewards_t1:Shifted", "shift": "big"})
     with pytest.raises(ConfigError, match=r"has no attribute 'Missing'"):
         build_reward({"type": "rlft_user_rewards_t1:Missing"})
+
+
+def test_register_reward_is_a_thin_wrapper_over_the_registry(monkeypatch):
+    monkeypatch.setitem(registry._OBJECTS, "reward", dict(registry._OBJECTS["reward"]))  # undone after the test
+
+    @register_reward("doubled_sum_test")
+    class DoubledSum(Reward):
+        def __call__(self, x):
+            return 2.0 * x.sum(-1)
+
+    assert DoubledSum.name == "doubled_sum_test" and "doubled_sum_test" in registered_rewards()
+    assert registry.resolve("reward", "doubled_sum_test") is DoubledSum
+    torch.testing.assert_close(evaluate(build_reward({"type": "doubled_sum_test"}), torch.ones(3, 2)), torch.full((3,), 4.0))
+    assert register_reward("doubled_sum_test")(DoubledSum) is DoubledSum  # registering the same class again is harmless
+    with pytest.raises(ValueError, match=r"'doubled_sum_test' is already registered"):
+        register_reward("doubled_sum_test")(lambda x: x.sum(-1))
+    with pytest.raises(ValueError, match=r"'quadratic' is built in \(rlft.rewards.builtin:QuadraticReward\)"):
+        register_reward("quadratic")(DoubledSum)
