@@ -359,7 +359,7 @@ def memory_probe(num_steps: int, checkpointing: bool, batch_size: int, updates: 
     # a tiny update first so that lazily allocated buffers (Adam moments, autograd engine) exist
     full = lrn.options
     lrn.options = dataclasses.replace(full, batch_size=1)
-    lrn._drift_update()
+    lrn.update()
     lrn.options = full
     base = _rss_mb()
     out: dict[str, Any] = {"num_steps": num_steps, "checkpointing": checkpointing, "batch_size": batch_size, "rss_before_mb": base}
@@ -369,7 +369,7 @@ def memory_probe(num_steps: int, checkpointing: bool, batch_size: int, updates: 
     try:
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(updates):
-            lrn._drift_update()
+            lrn.update()
         out["wall_s_per_update"] = (time.perf_counter() - wall) / updates
         out["cpu_s_per_update"] = (time.process_time() - cpu) / updates
         out["ok"] = True

@@ -31,28 +31,11 @@ import torch
 from torch import nn
 
 from rlft.models.base import DiffusionModel
+from rlft.models.nets import dyadic_time_features, mlp
 
 NETWORK_KINDS = ("auto", "mlp", "conv")
 #: events with at most this many scalars use the MLP under network="auto", even when they are sequences
 AUTO_MLP_MAX_SIZE = 512
-
-
-def time_features(t: float | torch.Tensor, batch: int, num_frequencies: int, like: torch.Tensor) -> torch.Tensor:
-    """Sinusoidal features [sin(pi 2^j t), cos(pi 2^j t)]_{j < F} of t in [0, 1], shape (batch, 2F)."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(-1, 1)  # (1 or B, 1)
-    freqs = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=like.dtype, device=like.device)  # (F,)
-    ang = t * freqs  # (1 or B, F)
-    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).expand(batch, -1)
-
-
-def _mlp(n_in: int, n_out: int, hidden: int, depth: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = n_in
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.SiLU()]
-        width = hidden
-    layers.append(nn.Linear(width, n_out))
-    return nn.Sequential(*layers)
 
 
 class VectorControlNet(nn.Module):
@@ -74,10 +57,7 @@ class VectorControlNet(nn.Module):
         self.num_frequencies = num_frequencies
         self.out_features = out_features
         size = math.prod(self.event_shape)
-        self.net = _mlp(size + 2 * num_frequencies + self.cond_dim, out_features or size, hidden, depth)
-        if zero_init:
-            nn.init.zeros_(self.net[-1].weight)
-            nn.init.zeros_(self.net[-1].bias)
+        self.net = mlp(size + 2 * num_frequencies + self.cond_dim, hidden, depth, out_features or size, zero_last=zero_init)
 
     def forward(self, t: float | torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """t: scalar or (B,) in [0, 1]; x: (B, *event); cond: (B, *cond_shape) or None -> (B, *event)."""
@@ -88,9 +68,9 @@ class VectorControlNet(nn.Module):
         first = self.net[0]
         size = flat.shape[1]
         if isinstance(t, torch.Tensor) and t.numel() > 1:
-            tf = time_features(t, b, self.num_frequencies, x)  # (B, 2F)
+            tf = dyadic_time_features(t, b, self.num_frequencies, x)  # (B, 2F)
         else:  # one time for the whole batch: its features enter the first layer as a bias, (1, 2F)
-            tf = time_features(t, 1, self.num_frequencies, x)
+            tf = dyadic_time_features(t, 1, self.num_frequencies, x)
         # the first layer on cat([x, time features, cond]), without materialising the (B, in) concatenation
         w = first.weight
         h = flat @ w[:, :size].T + (tf @ w[:, size : size + tf.shape[1]].T + first.bias)  # (B, hidden)
@@ -133,7 +113,7 @@ class SequenceControlNet(nn.Module):
     def forward(self, t: float | torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """t: scalar or (B,) in [0, 1]; x: (B, L, A) -> (B, L, A)."""
         b, length, _ = x.shape
-        feats = [time_features(t, b, self.num_frequencies, x)]  # (B, 2F)
+        feats = [dyadic_time_features(t, b, self.num_frequencies, x)]  # (B, 2F)
         if self.cond_dim:
             if cond is None:
                 raise ValueError("this control network was built for a conditional model: pass cond (B, *cond_shape)")

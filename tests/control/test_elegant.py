@@ -57,14 +57,14 @@ def test_setup_fits_value_and_initial_control_and_counts_reward_queries():
 def test_iteration_reports_the_mean_and_the_largest_gradient_norm():
     learner = make({"type": "elegant", **TINY, "drift_iterations_per_train_iteration": 4})
     norms = []
-    update = learner._drift_update
+    update = learner.update
 
     def recorded():
         out = update()
         norms.append(out["grad_norm"])
         return out
 
-    learner._drift_update = recorded
+    learner.update = recorded
     learner.train_iteration()
     metrics = learner.train_iteration()
     last = norms[-4:]
@@ -82,7 +82,7 @@ def test_one_step_increases_the_objective():
         return float((out.x @ torch.tensor([1.0, 0.5], dtype=torch.float64)).mean() - learner.task.alpha * out.kl.mean())
 
     before = objective()
-    learner._drift_update()
+    learner.update()
     after = objective()
     assert after > before + 1e-3
 
@@ -232,7 +232,7 @@ def test_pathwise_weight_mixes_the_two_gradients_linearly_also_with_checkpointin
     ({"type": "elegant"}, 0.25, 1200, 6),
     ({"type": "elegant", "learn_init": False}, 0.25, 1200, 6),
     ({"type": "elegant", "pathwise_weight": 1.0}, 1.0, 2000, 10),  # cheaper updates: more of them
-    ({"type": "elegant", "drift_iterations": 300}, 0.25, 300, 1),
+    ({"type": "elegant", "drift_iterations": 300}, 0.25, 300, 2),  # ceil(300 / run.iterations 200)
     ({"type": "no_kl"}, 1.0, 2000, 10),
     ({"type": "truncation"}, 1.0, 2000, 10),
     ({"type": "random_k"}, 1.0, 2000, 10),
@@ -280,9 +280,9 @@ def test_checkpointing_also_bounds_the_likelihood_ratio_pass():
 
 def test_truncation_and_random_k_cut_the_gradient():
     lrn = make({"type": "truncation", **TINY, "truncation_steps": 2, "segment_steps": 4})
-    assert lrn._grad_start() == 4 and lrn.windows(4) == [(0, 4), (4, 6)]
+    assert lrn.grad_start() == 4 and lrn.windows(4) == [(0, 4), (4, 6)]
     lrn = make({"type": "random_k", **TINY})
-    starts = {lrn._grad_start() for _ in range(200)}
+    starts = {lrn.grad_start() for _ in range(200)}
     assert starts == set(range(6))
 
 
@@ -291,7 +291,7 @@ def test_truncation_and_random_k_cut_the_gradient():
     [
         ({"type": "elegant", "lr": -1.0}, 0.5, "learner.lr must be"),
         ({"type": "elegant", "batch_size": 0}, 0.5, "learner.batch_size"),
-        ({"type": "elegant", "bogus": 1}, 0.5, "learner.bogus is not a parameter"),
+        ({"type": "elegant", "bogus": 1}, 0.5, "learner.bogus is not a known key"),
         ({"type": "elegant", "hidden": "big"}, 0.5, "learner.hidden must be an integer"),
         ({"type": "elegant", "divergence": "nope"}, 0.5, "learner.divergence"),
         ({"type": "no_kl", "kl_penalty": True}, 0.5, "kl_penalty must be false"),
@@ -319,23 +319,119 @@ def test_checkpoint_of_other_options_is_refused(tmp_path):
         c.load_checkpoint(str(tmp_path))
 
 
-def test_registry_names_build_this_learner():
-    for name in ("elegant", "no_kl", "truncation", "random_k"):
-        assert isinstance(make({"type": name, **TINY}), ElegantLearner)
+def test_registry_names_build_their_learner_classes():
+    from rlft.control.baselines import NoKLLearner, RandomKLearner, TruncationLearner
+
+    classes = {"elegant": ElegantLearner, "no_kl": NoKLLearner, "truncation": TruncationLearner, "random_k": RandomKLearner}
+    for name, cls in classes.items():
+        lrn = make({"type": name, **TINY})
+        assert type(lrn) is cls and lrn.name == name and isinstance(lrn.options, cls.Options)
 
 
-def test_constructor_defaults_are_the_documented_options():
-    """ElegantOptions (the documented defaults) and the constructor's signature must agree key by key."""
-    import dataclasses
+def test_options_are_declared_once_and_keyword_overrides_parse_like_yaml():
+    """The constructor takes the parsed Options (no second parameter list); Python keyword overrides go through the
+    same parser as YAML, with the same path-naming errors."""
     import inspect
 
     from rlft.control.elegant import ElegantOptions
 
-    sig = inspect.signature(ElegantLearner.__init__).parameters
-    fields = {f.name: f.default for f in dataclasses.fields(ElegantOptions)}
-    assert set(fields) == set(sig) - {"self", "task", "model", "reward"}
-    for name, default in fields.items():
-        assert sig[name].default == default, name
+    assert set(inspect.signature(ElegantLearner.__init__).parameters) == {"self", "task", "model", "reward", "options", "overrides"}
+    lrn = make()
+    again = ElegantLearner(lrn.task, lrn.model, lrn.reward, hidden=8, learn_init=False)
+    assert again.options.hidden == 8 and again.options.learn_init is False and again.options.depth == 3  # the rest: defaults
+    with pytest.raises(ConfigError, match="learner.hidden must be an integer"):
+        ElegantLearner(lrn.task, lrn.model, lrn.reward, hidden="big")
+    with pytest.raises(ConfigError, match="learner.lr must be a finite number > 0"):
+        ElegantOptions(lr=-1.0)  # model-independent checks run when the options are parsed, before Ray starts
+
+
+def test_options_are_checked_before_a_model_exists():
+    from rlft.learners import check_learner_spec
+
+    with pytest.raises(ConfigError, match="kl_penalty must be false"):
+        check_learner_spec({"type": "no_kl", "kl_penalty": True})
+    with pytest.raises(ConfigError, match="learner.truncation_steps is not a known key"):
+        check_learner_spec({"type": "random_k", "truncation_steps": 3})
+    cls, options = check_learner_spec({"type": "truncation"})
+    assert (options.learn_init, options.kl_penalty, options.truncation_steps) == (False, False, 10)
+
+
+def test_derived_sizes_follow_the_runners_iterations():
+    """drift_iterations_per_train_iteration None = ceil(drift_iterations / run.iterations): the run performs the
+    whole schedule; the derived sizes are one dict."""
+    data = {
+        "model": {"type": "gmm", "weights": [0.6, 0.4], "means": [[1.0, 0.5], [-1.0, -0.5]], "stds": [0.5, 0.4]},
+        "reward": {"type": "quadratic", "center": [0.5, 1.0], "scale": 1.0}, "alpha": 0.5, "num_steps": 6, "seed": 3,
+    }
+    for run, per_call in ((None, 6), ({"iterations": 100}, 12), ({"iterations": 7}, 172)):
+        task = task_from_dict({**data, "learner": {"type": "elegant", "learn_init": False}, **({"run": run} if run else {})})
+        model = build_model(task.model, task.num_steps)
+        lrn = build_learner(task, model, build_reward(task.reward, model=model))
+        d = lrn.derived()
+        assert d["drift_iterations_per_train_iteration"] == lrn.options.drift_iterations_per_train_iteration == per_call
+        assert d["run_iterations"] * per_call >= d["drift_iterations"] == 1200
+        assert (d["lr"], d["pathwise_weight"], d["windows"], d["segment_steps"]) == (5e-3, 0.25, 2, 3)
+
+
+def _old_layout(tmp_path, learner):
+    """A checkpoint in the layout rlft wrote before rlft.checkpoint (format rlft-elegant version 1): learner.json with
+    these keys beside control/init/value/optim safetensors (tensors written by safetensors directly, no metadata)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    def tensors(module_or_dict):
+        sd = module_or_dict if isinstance(module_or_dict, dict) else module_or_dict.state_dict()
+        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+    out = tmp_path / "old"
+    out.mkdir()
+    save_file(tensors(learner.drift_net), str(out / "control.safetensors"))
+    save_file(tensors(learner.init_control.net), str(out / "init.safetensors"))
+    save_file(tensors(learner.value_net), str(out / "value.safetensors"))
+    sd = learner.drift_opt.state_dict()
+    optim = {f"drift.{i}.{k}": torch.as_tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
+    optim["rng_state"] = learner._rng.get_state()
+    save_file(tensors(optim), str(out / "optim.safetensors"))
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    state = {
+        "format": "rlft-elegant", "version": 1, "type": "elegant", "options": {**dataclasses.asdict(learner.options), "truncation_steps": 10},
+        "iteration": learner.iteration, "reward_queries": learner.reward_queries, "drift_updates": learner.drift_updates,
+        "setup_done": learner.setup_done, "lambda": None, "drift_param_groups": groups, "task": dataclasses.asdict(learner.task),
+    }
+    (out / "learner.json").write_text(json.dumps(state, indent=2, default=str))
+    return out
+
+
+def test_a_checkpoint_of_the_old_layout_still_loads_and_resumes(tmp_path):
+    a = make()
+    a.train_iteration()
+    old = _old_layout(tmp_path, a)
+    b = make()
+    b.load_checkpoint(str(old))
+    assert (b.iteration, b.reward_queries, b.drift_updates) == (a.iteration, a.reward_queries, a.drift_updates)
+    sa = sample(a.model, 50, control=a.control(), init=a.init_dist(), seed=4, progress=False)
+    sb = sample(b.model, 50, control=b.control(), init=b.init_dist(), seed=4, progress=False)
+    assert torch.equal(sa.x, sb.x)
+    assert a.train_iteration() == b.train_iteration()  # optimiser moments and RNG came back too
+    b.save_checkpoint(str(tmp_path / "new"))  # written again in today's layout (rlft.json, version 2)
+    import json
+
+    assert json.loads((tmp_path / "new" / "rlft.json").read_text())["version"] == 2
+
+
+def test_a_checkpoint_of_a_newer_version_says_which_wrote_it(tmp_path):
+    import json
+
+    from rlft.checkpoint import CheckpointError
+
+    a = make()
+    a.save_checkpoint(str(tmp_path))
+    state = json.loads((tmp_path / "rlft.json").read_text())
+    (tmp_path / "rlft.json").write_text(json.dumps({**state, "version": 9}))
+    with pytest.raises(CheckpointError, match="rlft-elegant version 9.*up to 2.*upgrade rlft"):
+        make().load_checkpoint(str(tmp_path))
 
 
 def test_memory_probe_runs_in_process():
@@ -490,7 +586,7 @@ def test_bench_lists_a_failed_run_once_and_exits_nonzero(tmp_path, monkeypatch):
 
 
 def test_a_failed_checkpoint_write_leaves_no_temporary_files(tmp_path, monkeypatch):
-    import rlft.control.elegant as module
+    import rlft.checkpoint as module
 
     learner = make()
     learner.train_iteration()
