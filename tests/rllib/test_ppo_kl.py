@@ -122,6 +122,32 @@ def test_checkpoint_round_trip_is_data_only(ray_session, tmp_path):
         learner.algo.stop()
 
 
+def test_env_spec_ships_the_typed_model_and_a_reward_solved_once_on_the_driver(monkeypatch):
+    """An EnvRunner's env is built from the EnvSpec's env_config: the same typed model config, and an f-regularised
+    reward whose lambda the driver solved (building the env draws no pretrained sample)."""
+    import rlft.rewards.f_regularised as f_regularised
+    from rlft.config import model_config_from_dict
+    from rlft.rllib.adapter import EnvSpec
+    from rlft.rllib.env_runner import make_env
+
+    reward = {"type": "f_regularised", "base": dict(DEFAULT_TASK["reward"]), "divergence": "js", "alpha": 0.5, "num_samples": 256}
+    task = task_from_dict(dict(DEFAULT_TASK, num_steps=8, reward=reward))
+    model = build_model(task.model, task.num_steps)
+    spec = EnvSpec.of("drift", task, model)
+    solved = f_regularised.pretrained_lambda(build_reward(reward["base"]), model, "js", 0.5, 256)
+    assert spec.reward["lambda_"] == solved and "lambda_" not in task.reward
+    config = spec.env_config()
+    assert model_config_from_dict(config["task"]["model"]) == task.model and config["env_id"] == "drift"
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("an EnvRunner re-solved lambda")
+
+    monkeypatch.setattr(f_regularised, "pretrained_lambda", no_sampling)
+    env = make_env({**config, "num_envs": 4})
+    assert type(env.unwrapped).__name__ == "DenoisingDriftEnv" and env.unwrapped.reward.lambda_ == solved
+    assert env.unwrapped.num_envs == 4 and env.unwrapped.num_steps == 8
+
+
 @pytest.mark.parametrize("learner, match", [
     ({"kl_mode": "loss"}, "kl_mode 'loss' was removed.*biased.*use kl_mode: reward"),
     ({"env": "restart"}, "ppo_kl needs a drift env"),
