@@ -79,7 +79,7 @@ def test_unknown_reward_argument_names_the_path():
 
     with pytest.raises(ConfigError, match=r"reward.radius is not a parameter of QuadraticReward"):
         build_reward({"type": "quadratic", "center": [0, 0], "radius": 1})
-    with pytest.raises(ConfigError, match=r"reward.type: .*'nonsense' is not a registered reward; choose one of"):
+    with pytest.raises(ConfigError, match=r"reward.type: .*'nonsense' is not known; choose one of \[.*'quadratic'"):
         build_reward({"type": "nonsense"})
     with pytest.raises(ConfigError, match=r"reward.scale must be a number"):
         build_reward({"type": "quadratic", "center": [0, 0], "scale": "x"})
