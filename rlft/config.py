@@ -301,11 +301,10 @@ class TaskConfig:
     """Grid for `rlft sweep`: {dotted.key: [values, ...]}, e.g. {alpha: [0.1, 0.3, 1.0]}."""
 
     def __post_init__(self) -> None:
-        learner_type = (self.learner or {}).get("type")
-        if self.alpha < 0 or (self.alpha == 0 and learner_type != "no_kl"):
-            raise ConfigError(
-                f"alpha must be > 0 (got {self.alpha}); use alpha=0 only with learner type 'no_kl'"
-            )
+        # alpha = 0 is a learner's call (one that keeps the KL term rejects it when it is built: ELEGANT's
+        # kl_penalty); without a learner it is an error here
+        if self.alpha < 0 or (self.alpha == 0 and not self.learner):
+            raise ConfigError(f"alpha must be > 0 (got {self.alpha}); use alpha=0 only with learner type 'no_kl'")
         if self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1 (got {self.num_steps})")
         if "type" not in self.reward:
