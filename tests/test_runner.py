@@ -390,8 +390,8 @@ class FailingElegant(Learner):
     """The real ELEGANT learner (`inner`, built through the registry with the other keys as its options),
     whose first attempt at iteration `fail_at` raises (marker file as above)."""
 
-    def __init__(self, task, model, reward, fail_at: int = 0, fail_marker: str = "", **options) -> None:
-        self.inner = build_learner(dataclasses.replace(task, learner={"type": "elegant", **options}), model, reward)
+    def __init__(self, task, model, reward, fail_at: int = 0, fail_marker: str = "", **elegant_options) -> None:
+        self.inner = build_learner(dataclasses.replace(task, learner={"type": "elegant", **elegant_options}), model, reward)
         super().__init__(task, model, reward)
         self.fail_at, self.fail_marker = fail_at, fail_marker
 
