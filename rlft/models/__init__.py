@@ -15,20 +15,4 @@ def build_model(cfg, num_steps: int) -> DiffusionModel:
     The builder is `registry.resolve("model", cfg.type)`, a callable `(cfg, num_steps) -> DiffusionModel`; its
     module is imported only now (the TFBind8 builder lives with its task, the diffusers one beside diffusers).
     """
-    try:
-        builder = registry.resolve("model", cfg.type)
-    except registry.RegistryError:
-        if cfg.type != "diffusers":
-            raise
-        builder = _diffusers_fallback
-    return builder(cfg, num_steps)
-
-
-def _diffusers_fallback(cfg, num_steps: int) -> DiffusionModel:
-    # TODO(issue 16): remove once rlft.models.diffusers_chain:build_diffusers_model (the registry's line) exists
-    from rlft.models.diffusers_chain import DiffusersChain
-
-    return DiffusersChain.from_pretrained(
-        cfg.path, num_steps=num_steps, scheduler=cfg.scheduler, eta=cfg.eta,
-        subfolder_unet=cfg.subfolder_unet, subfolder_scheduler=cfg.subfolder_scheduler,
-    )
+    return registry.resolve("model", cfg.type)(cfg, num_steps)
