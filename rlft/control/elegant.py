@@ -47,7 +47,8 @@ import torch
 from rlft import checkpoint
 from rlft.config import ConfigError
 from rlft.control.initial import InitialControl
-from rlft.control.rollout import TRAIN_OBJECTIVE, DifferentiableLearner, DifferentiableOptions
+from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions
+from rlft.control.rollout import DifferentiableLearner
 from rlft.control.value import ValueNet, fit_value, value_dataset
 from rlft.divergences import get_divergence, solve_lambda
 from rlft.rewards.base import Reward, evaluate
