@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from rlft.guidance.restart import DENOISE, NOISE, RestartSchedule, jump_kernel, restart_sample, run_actions
-from tests.conftest import make_gaussian_chain, make_gmm
 
 K = 12
 
@@ -41,8 +40,8 @@ def _moments_close(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, z: fl
     assert (torch.abs(c - cov) < z * se_c + 1e-12).all(), (c, cov, se_c)
 
 
-def test_adjacent_forward_kernel_moments_by_monte_carlo():
-    model = make_gmm(K)
+def test_adjacent_forward_kernel_moments_by_monte_carlo(gmm_factory):
+    model = gmm_factory(K)
     g = torch.Generator().manual_seed(0)
     n = 200_000
     for level in (0, 5, K - 1):  # level+1 -> level
@@ -54,9 +53,9 @@ def test_adjacent_forward_kernel_moments_by_monte_carlo():
 
 
 @pytest.mark.parametrize("clean,noisy", [(K - 1, K - 2), (9, 3), (K, 0)])
-def test_noising_carries_the_exact_marginal_up_the_levels(clean, noisy):
+def test_noising_carries_the_exact_marginal_up_the_levels(clean, noisy, gmm_factory):
     """x ~ q_clean (exact mixture marginal), NOISE actions up to `noisy`: x ~ q_noisy, in mean and covariance."""
-    model = make_gmm(K)
+    model = gmm_factory(K)
     g = torch.Generator().manual_seed(1)
     x = model.marginal(clean).sample(100_000, g)
     y, level, nfe = run_actions(model, x, [NOISE] * (clean - noisy), clean, generator=g)
@@ -65,8 +64,8 @@ def test_noising_carries_the_exact_marginal_up_the_levels(clean, noisy):
     _moments_close(y, target.mean(), target.covariance())
 
 
-def test_jump_kernel_is_the_composed_vp_kernel():
-    model = make_gmm(K)
+def test_jump_kernel_is_the_composed_vp_kernel(gmm_factory):
+    model = gmm_factory(K)
     for noisy, clean in ((0, K), (2, 7), (5, 6)):
         scale, std = jump_kernel(model, noisy, clean)
         a = _a(model, noisy) / _a(model, clean)
@@ -83,9 +82,9 @@ def test_jump_kernel_is_the_composed_vp_kernel():
 
 @pytest.mark.parametrize("schedule", [RestartSchedule(), RestartSchedule(2, 7, 3), RestartSchedule(0, K - 1, 1)],
                          ids=["ode", "R3", "full"])
-def test_restart_sample_is_the_documented_draw_sequence(schedule):
+def test_restart_sample_is_the_documented_draw_sequence(schedule, gmm_factory):
     """x_0 from the prior, then the noising draws in schedule order, through `run_actions`: draw for draw."""
-    model = make_gmm(K)
+    model = gmm_factory(K)
     n = 64
     out = restart_sample(model, n, schedule, seed=5, progress=False)
     g = torch.Generator().manual_seed(5)
@@ -98,8 +97,8 @@ def test_restart_sample_is_the_documented_draw_sequence(schedule):
     assert torch.equal(split.x[:n], out.x) and split.x.shape == (n + 10, 2)
 
 
-def test_single_jump_draw_sequence():
-    model = make_gmm(K)
+def test_single_jump_draw_sequence(gmm_factory):
+    model = gmm_factory(K)
     sched = RestartSchedule(3, 8, 2)
     out = restart_sample(model, 32, sched, seed=3, single_jump=True, progress=False)
     g = torch.Generator().manual_seed(3)
@@ -113,8 +112,8 @@ def test_single_jump_draw_sequence():
     assert torch.equal(out.x, x)
 
 
-def test_zero_restarts_is_the_plain_ode_sampler():
-    model = make_gmm(K)
+def test_zero_restarts_is_the_plain_ode_sampler(gmm_factory):
+    model = gmm_factory(K)
     g = torch.Generator().manual_seed(4)
     x = model.prior_sample(16, g)
     for k in range(K):
@@ -138,8 +137,8 @@ def test_nfe_and_actions_bookkeeping():
         assert level == K
 
 
-def test_invalid_schedules_and_actions_are_refused():
-    model = make_gmm(K)
+def test_invalid_schedules_and_actions_are_refused(gmm_factory):
+    model = gmm_factory(K)
     with pytest.raises(ValueError, match="num_restarts must be >= 0"):
         RestartSchedule(0, 3, -1)
     with pytest.raises(ValueError, match="noisy_level < clean_level"):
@@ -157,14 +156,14 @@ def test_invalid_schedules_and_actions_are_refused():
         restart_sample(model, 0, progress=False)
 
 
-def test_restarts_keep_the_data_law_with_the_exact_score():
+def test_restarts_keep_the_data_law_with_the_exact_score(gaussian_chain_factory):
     """Gaussian data N(mu, s^2 I), exact score: restarted samples keep the plain ODE sampler's law.
 
     At K = 40 the deterministic sampler itself under-disperses (measured variance 0.323 for s^2 = 0.36, mean
     within 0.006); restarts re-noise with the exact forward kernel, so they must not move the law further
     (measured 0.315-0.319): a wrong kernel scale or variance shows here as a shifted mean or variance."""
     mu, s = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.6
-    model = make_gaussian_chain(mu.tolist(), s, num_steps=40)
+    model = gaussian_chain_factory(mu.tolist(), s, num_steps=40)
     plain = restart_sample(model, 20_000, RestartSchedule(), seed=0, progress=False).x
     assert torch.allclose(plain.mean(0), mu, atol=0.03)
     assert torch.allclose(plain.var(0), torch.full((2,), s * s, dtype=plain.dtype), rtol=0.15)
