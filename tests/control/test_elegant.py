@@ -170,15 +170,29 @@ def test_checkpoint_restores_the_sampler_and_resume_continues(tmp_path):
         {"type": "truncation", "kl_penalty": True},
     ],
 )
-def test_each_baseline_runs_one_iteration(learner):
+def test_each_learner_runs_one_iteration_with_its_own_objective(learner):
+    """One iteration of each learner: the reported training objective is its own reward minus its own alpha times
+    the path KL, the reward queries add up, the control moved away from the pretrained model, and the evaluation
+    reports J at the task's alpha (not the training alpha)."""
     lrn = make({**TINY, **learner})
+    params = [p.detach().clone() for p in lrn._drift_params]
     metrics = lrn.train_iteration()
-    assert lrn.iteration == 1 and all(math.isfinite(v) for v in metrics.values())
+    assert lrn.iteration == 1 and lrn.drift_updates == TINY["drift_iterations_per_train_iteration"]
     kl_on = learner.get("kl_penalty", learner["type"] == "elegant")
     assert (lrn.train_alpha > 0) == kl_on
-    assert (lrn.init_dist() is not None) == (learner["type"] == "elegant" and learner.get("learn_init", True))
+    f_route = learner.get("divergence", "kl") != "kl"
+    assert lrn.train_alpha == (1.0 if f_route else 0.5 if kl_on else 0.0)  # TANG: the f-reward runs at alpha = 1
+    assert metrics["train_objective"] == pytest.approx(metrics["train_reward"] - lrn.train_alpha * metrics["train_kl"], rel=1e-9)
+    learns_init = learner["type"] == "elegant" and learner.get("learn_init", True)
+    assert (lrn.init_dist() is not None) == learns_init
+    from rlft.control.elegant import LAMBDA_SAMPLES
+
+    value_queries = TINY["value_starts"] * TINY["value_rollouts"] if learns_init else 0
+    assert lrn.reward_queries == value_queries + (LAMBDA_SAMPLES if f_route else 0) + 2 * TINY["batch_size"]
+    assert any(not torch.equal(a, b) for a, b in zip(params, lrn._drift_params))
     report = lrn.evaluate(num_samples=64)
-    assert math.isfinite(report["objective"]) and report["num_samples"] == 64
+    assert report["num_samples"] == 64
+    assert report["objective"] == pytest.approx(report["reward"] - 0.5 * report["kl"], rel=1e-9)
 
 
 def test_no_kl_runs_at_alpha_zero():
