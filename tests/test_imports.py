@@ -397,6 +397,38 @@ def test_import_graph_has_no_cycle():
         pytest.fail(f"{len(found)} import cycle(s):\n" + "\n".join(blocks))
 
 
+#: The only files of the core that may touch diffusers / peft (DESIGN.md), and the packages that form the core.
+DIFFUSERS_FILES = ("rlft/models/diffusers_chain.py", "rlft/models/lora.py")
+CORE_PACKAGES = ("rlft.models", "rlft.rewards", "rlft.divergences", "rlft.sampling", "rlft.metrics", "rlft.schedule")
+
+
+def _third_party_imports(tree: ast.AST):
+    """(line, top-level package, lazy) for every absolute import outside TYPE_CHECKING blocks."""
+    for node, lazy in _imports(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            names = [node.module] if node.module and not node.level else []
+        for name in names:
+            yield node.lineno, name.partition(".")[0], lazy
+
+
+def test_core_never_imports_heavy_runtimes_even_lazily():
+    """Statically, counting imports inside functions: the core never imports ray or gymnasium, and only
+    `models/diffusers_chain.py` and `models/lora.py` import diffusers or peft (DESIGN.md, rules of the house)."""
+    modules = module_files()
+    hits = []
+    for module, path in modules.items():
+        if not any(module == p or module.startswith(p + ".") for p in CORE_PACKAGES):
+            continue
+        rel = path.relative_to(ROOT).as_posix()
+        for line, top, lazy in _third_party_imports(ast.parse(path.read_text())):
+            allowed = top in ("diffusers", "peft") and rel in DIFFUSERS_FILES
+            if top in FORBIDDEN_IN_CORE and not allowed:
+                hits.append(f"{rel}:{line}{' (lazy)' if lazy else ''}: imports {top}")
+    assert not hits, "the core imports a heavy runtime:\n  " + "\n  ".join(hits)
+
+
 def _fail_upward(edges: list[Edge], what: str) -> None:
     up = upward_edges(edges)
     if up:
