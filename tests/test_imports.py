@@ -426,7 +426,7 @@ def test_core_never_imports_heavy_runtimes_even_lazily():
             allowed = top in ("diffusers", "peft") and rel in DIFFUSERS_FILES
             if top in FORBIDDEN_IN_CORE and not allowed:
                 hits.append(f"{rel}:{line}{' (lazy)' if lazy else ''}: imports {top}")
-    assert not hits, "the core imports a heavy runtime:\n  " + "\n  ".join(hits)
+    assert not hits, "the core imports a heavy runtime:\n  " + "\n  ".join(sorted(hits))
 
 
 def _fail_upward(edges: list[Edge], what: str) -> None:
