@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from rlft.jobs import JobsError, connect, exit_code, find_token, stream_logs, submit, wait_for_status
+from rlft import jobs
+from rlft.jobs import JobsError
 from rlft.run_config import parse_assignments
 
 
@@ -49,7 +50,7 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
 
 def _run_submit(args) -> int:
     address = _require_address(args)
-    submission = submit(
+    submission = jobs.submit(
         args.config, address, sweep=args.sweep, overrides=parse_assignments(args.set),
         storage_path=args.storage_path, resume=args.resume, pip=args.pip, env=_parse_env(args.env),
         exclude=args.exclude, include=args.include, submission_id=args.job_id,
@@ -61,10 +62,10 @@ def _run_submit(args) -> int:
     }
     code = 0
     if args.wait:
-        client = connect(address, find_token())
-        finished = stream_logs(client, submission.job_id, sys.stderr if args.json else sys.stdout, args.timeout)
-        status = wait_for_status(client, submission.job_id, timeout=30 if finished else 0)
-        code = exit_code(status)
+        client = jobs.connect(address, jobs.find_token())
+        finished = jobs.stream_logs(client, submission.job_id, sys.stderr if args.json else sys.stdout, args.timeout)
+        status = jobs.wait_for_status(client, submission.job_id, timeout=30 if finished else 0)
+        code = jobs.exit_code(status)
         result["status"] = status
         if code == 124:
             print(f"rlft submit: stopped waiting after {args.timeout}s; job {submission.job_id} is {status} "
@@ -87,15 +88,15 @@ def _job_info_dict(info) -> dict[str, Any]:
 
 def _run_jobs(args) -> int:
     address = _require_address(args)
-    client = connect(address, find_token())
+    client = jobs.connect(address, jobs.find_token())
     action = args.jobs_action
     try:
         if action == "list":
-            jobs = [_job_info_dict(j) for j in client.list_jobs() if getattr(j, "submission_id", None)]
+            listed = [_job_info_dict(j) for j in client.list_jobs() if getattr(j, "submission_id", None)]
             if args.json:
-                print(json.dumps({"jobs": jobs}))
+                print(json.dumps({"jobs": listed}))
             else:
-                for j in jobs:
+                for j in listed:
                     print(f"{j['submission_id']}  {j['status']:<9}  {j['entrypoint']}")
             return 0
         if action == "status":
@@ -108,13 +109,13 @@ def _run_jobs(args) -> int:
             return 0
         if action == "logs":
             if args.follow:
-                stream_logs(client, args.job_id, sys.stdout, args.timeout)
+                jobs.stream_logs(client, args.job_id, sys.stdout, args.timeout)
             else:
                 sys.stdout.write(client.get_job_logs(args.job_id))
             return 0
         if action == "stop":
             stopped = client.stop_job(args.job_id)
-            status = wait_for_status(client, args.job_id, timeout=args.timeout) if args.wait else None
+            status = jobs.wait_for_status(client, args.job_id, timeout=args.timeout) if args.wait else None
             if args.json:
                 print(json.dumps({"job_id": args.job_id, "stop_requested": bool(stopped), "status": status}))
             else:
