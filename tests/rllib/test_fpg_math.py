@@ -14,8 +14,9 @@ the logit compared with the closed-form log ratio over the central 90 % of the m
 mixture of agent and expert states, per level; the mean weighted by that mixture's density). Tolerance: mean |error|
 < 0.15 and max |error| < 0.5 there (the log ratio spans -3.4..1.3 nats over that range; measured 0.04 / 0.05 mean and
 0.08 / 0.18 max at levels 2 / K). A discriminator blind to the level would be off by ~0.5 on the mean (one level's
-log ratio against the other's), so the level input is pinned too. The same check with the logistic loss's labels swapped (a monkeypatched
-`binary_cross_entropy_with_logits` that trains agent = 0, expert = 1) must fail: the logit is then -log p_pi / p_*.
+log ratio against the other's), so the level input is pinned too. The same check with the logistic loss's labels
+swapped (a monkeypatched `binary_cross_entropy_with_logits` that trains agent = 0, expert = 1) must fail: the logit is
+then -log p_pi / p_*.
 
 The discriminator step runs in float32 (the learner casts agent states to float32; the expert set is float32); the
 closed forms are float64. Fixed seeds; one CPU thread.

@@ -150,7 +150,8 @@ def build_learner():
     config = (
         PPOConfig()
         .environment(observation_space=OBS_SPACE, action_space=ACT_SPACE, normalize_actions=False, clip_actions=False)
-        .rl_module(rl_module_spec=RLModuleSpec(module_class=DriftPolicyModule, model_config=drift_model_config(list(S_K), mean_scale="one")))
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=DriftPolicyModule,
+                                               model_config=drift_model_config(list(S_K), mean_scale="one")))
         .learners(learner_class=PPOKLLearner, learner_config_dict={ALPHA: ALPHA_})
         .training(gamma=1.0, lambda_=1.0, lr=1e-3, num_epochs=1, clip_param=0.2, entropy_coeff=0.0, use_kl_loss=False,
                   vf_clip_param=1e8)
@@ -177,7 +178,8 @@ class Estimator:
     def batch(self, episodes, penalty: bool = True) -> dict:
         self.penalty.alpha = ALPHA_ if penalty else 0.0  # penalty=False: the DPOK-style partial gradient
         try:
-            out = self.learner._learner_connector(rl_module=self.learner.module, batch={}, episodes=episodes, shared_data={}, metrics=None)
+            out = self.learner._learner_connector(rl_module=self.learner.module, batch={}, episodes=episodes,
+                                                  shared_data={}, metrics=None)
         finally:
             self.penalty.alpha = ALPHA_
         return out[DEFAULT_MODULE_ID]
@@ -195,7 +197,8 @@ class Estimator:
         return float(np.std(raw))
 
     def run(self, critic: str, batches: int) -> dict[str, np.ndarray]:
-        out: dict[str, list[float]] = {"learner": [], "flipped": [], "one_scale": [], "partial": [], "scale_ratio": [], "return": []}
+        keys = ("learner", "flipped", "one_scale", "partial", "scale_ratio", "return")
+        out: dict[str, list[float]] = {k: [] for k in keys}
         for b in range(batches):
             seed = 1000 * (critic == "exact") + b
             episodes, returns = simulate(EPISODES_PER_BATCH, seed)
