@@ -59,7 +59,7 @@ class KLPenaltyConnector(ConnectorV2):
 
 
 class KLLossScaleConnector(ConnectorV2):
-    """Learner connector after GAE: adds the column alpha / sigma_A, sigma_A = std of the raw advantages.
+    """Learner connector after GAE: adds the column alpha / sigma_A, sigma_A = the std GAE standardised by.
 
     RLlib's GAE standardises the advantages; dividing the direct term by sigma_A keeps alpha the same trade-off
     between reward and KL as in J (`rlft.rllib.ppo_kl`)."""
@@ -72,10 +72,13 @@ class KLLossScaleConnector(ConnectorV2):
         for mid, mb in batch.items():
             if Postprocessing.VALUE_TARGETS not in mb or not isinstance(_unwrapped(rl_module[mid]), DriftPolicyModule):
                 continue
-            mask = mb[Columns.LOSS_MASK]
             with torch.no_grad():
                 raw = mb[Postprocessing.VALUE_TARGETS] - _unwrapped(rl_module[mid]).compute_values(mb)  # A = targets - V
-            sigma = float(raw[mask].std()) if int(mask.sum()) > 1 else 1.0
+            # the std RLlib's GAE standardised the advantages with: numpy's (ddof 0) over every row of the batch,
+            # each episode's bootstrap row included; the loss-mask rows' std (ddof 1) differs by up to 1.5x once the
+            # critic fits, and alpha would then weigh the direct KL term by sigma_GAE / sigma_A instead of 1
+            # (tests/rllib/test_ppo_kl_math.py: -40.4 +- 0.4 against the exact dJ/dtheta = -50.34 before this)
+            sigma = float(raw.double().std(unbiased=False)) if raw.numel() > 1 else 1.0
             mb[KL_LOSS_COEFF] = torch.full_like(raw, self.alpha / max(sigma, 1e-4))
         return batch
 

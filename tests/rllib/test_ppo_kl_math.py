@@ -22,13 +22,11 @@ with dJ/dtheta is  g = -K sigma_A grad L,  sigma_A read back from the learner's 
 holds exactly only when sigma_A is the std RLlib's GAE divided the advantages by (sigma_GAE): the scale comparison is
 the point of the test, so advantage standardisation stays on, as the learner configures it.
 
-Finding (see `test_learner_gradient_with_a_fitted_critic`): RLlib standardises over ALL rows, the bootstrap row each
-episode gets appended included (whose "advantage" is G(next episode) - V(s_K): no advantage at all), while
-`KLLossScaleConnector` divides by the std of the loss-mask rows only. At the learner's untrained critic the two stds
-differ by ~1 %; with a critic that fits the returns (here the exact value function) sigma_A / sigma_GAE = 0.66 and the
-learner's gradient is -40.4 +- 0.4 against the exact -50.34. With the column set to alpha / sigma_GAE the same batches
-give -49.5 +- 0.5 (`test_gradient_with_one_scale_matches_the_closed_form`), so everything else in the loss is right;
-computing sigma_A in `KLLossScaleConnector` as the std of targets - V over all rows (ddof 0) makes the xfails pass.
+A fitted critic matters (`test_learner_gradient_with_a_fitted_critic`): RLlib standardises over ALL rows, the
+bootstrap row each episode gets appended included, with numpy's std (ddof 0). `KLLossScaleConnector` used to divide
+by the std of the loss-mask rows only (ddof 1): ~1 % apart at the untrained critic, but with a critic that fits the
+returns (here the exact value function) sigma_A / sigma_GAE was 0.66 and the learner's gradient -40.4 +- 0.4 against
+the exact -50.34. It now divides by the same std as GAE, and the same batches give the closed form.
 
 The standard errors come from independent batches (each with its own standardisation, as the learner sees them).
 Batch columns are float32 as RLlib's NumpyToTensor / GAE make them (rounding ~1e-7, far below the Monte-Carlo error);
@@ -264,9 +262,6 @@ def test_learner_gradient_matches_the_closed_form_at_the_initial_critic(estimate
     assert abs(m - exact) < 3 * se, report("learner gradient (initial critic)", estimates["initial"]["learner"], exact)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: KLLossScaleConnector divides the direct KL term by the std of the "
-                   "loss-mask advantages, RLlib's GAE standardises over all rows (bootstrap rows included); with a fitted "
-                   "critic sigma_A / sigma_GAE = 0.66 and the gradient is -40.4 +- 0.4 against -50.34")
 def test_learner_gradient_with_a_fitted_critic(estimates):
     """The same comparison with the exact value function as the critic (what a trained critic approaches)."""
     exact = closed_form_grad()
@@ -274,8 +269,6 @@ def test_learner_gradient_with_a_fitted_critic(estimates):
     assert abs(m - exact) < 3 * se, report("learner gradient (exact critic)", estimates["exact"]["learner"], exact)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the direct KL term's sigma_A (loss-mask rows, ddof 1) is not the std "
-                   "RLlib's GAE divides the advantages by (all rows incl. each episode's bootstrap row, ddof 0)")
 @pytest.mark.parametrize("critic", ["initial", "exact"])
 def test_direct_term_and_advantages_share_one_scale(estimates, critic):
     """alpha / KL_LOSS_COEFF is the std the policy-gradient term was divided by, so alpha weighs KL as it does in J."""
