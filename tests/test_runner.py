@@ -254,6 +254,20 @@ def test_trial_solves_lambda_once_and_its_learner_sees_the_run_length(tmp_path, 
     assert isinstance(lam, float) and all(r[TRAIN]["rebuilt_lambda"] == lam for r in rows)
 
 
+def test_experiments_started_before_rlft_run_still_resume():
+    """Tune pickled `rlft.runner._trial_dirname` into the tuner.pkl of experiments started before the runner
+    became `rlft.run`; `--resume` unpickles it (checked by hand on such an experiment: it resumed from its
+    version-0 checkpoint to the end)."""
+    import pickle
+
+    from rlft import runner
+    from rlft.run import tune
+
+    old_reference = b"crlft.runner\n_trial_dirname\n."  # a pickle GLOBAL opcode, as in an old tuner.pkl
+    assert pickle.loads(old_reference) is tune._trial_dirname
+    assert runner._trial_resources is tune.trial_resources and runner.trial_main.__module__ == "rlft.run.trial"
+
+
 def test_dummy_learner_checkpoint_round_trip(tmp_path):
     a = _build(_task_dict(tmp_path))
     for _ in range(3):
