@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from rlft.models.base import DiffusionModel
+from rlft.models.base import DiffusionModel, InitialDistribution  # noqa: F401  (re-exported: the protocol samplers take)
 
 #: A control maps (k, x_k, cond) to the displacement delta_k added to the pretrained mean, shape of x_k.
 Control = Callable[[int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-class InitialDistribution(Protocol):
-    """A (learned) initial law nu: samples x_0 with a per-sample KL contribution to KL(nu || nu_ini)."""
-
-    def init_sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (x_0 (n, *event), kl (n,)) whose mean estimates (an upper bound of) KL(nu || nu_ini)."""
-        ...
 
 
 def step_kl(delta: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
 from rlft.schedule import LevelCoefficients
 
-if TYPE_CHECKING:  # the protocol lives with the sampler; a model only calls its init_sample
-    from rlft.sampling import InitialDistribution
+
+class InitialDistribution(Protocol):
+    """A (learned) initial law nu: samples x_0 with a per-sample KL contribution to KL(nu || nu_ini).
+
+    (Defined here, below the sampler, so a model can take one; `rlft.sampling` re-exports it.)"""
+
+    def init_sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (x_0 (n, *event), kl (n,)) whose mean estimates (an upper bound of) KL(nu || nu_ini)."""
+        ...
+
 
 #: delta_k = control(k, x_k, cond), same shape as x_k (the `rlft.sampling.Control` signature)
 ControlFn = Callable[[int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -179,7 +187,7 @@ class ControlledChain(DiffusionModel):
     (zero), the base's KL is the rollout's with `control=`.
     """
 
-    def __init__(self, base: DiffusionModel, control: ControlFn, init: "InitialDistribution | None" = None) -> None:
+    def __init__(self, base: DiffusionModel, control: ControlFn, init: InitialDistribution | None = None) -> None:
         if not isinstance(base, DiffusionModel):
             raise TypeError(f"base must be a DiffusionModel (got {type(base).__name__})")
         if not callable(control):
