@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 from typing import Any, ClassVar
 
 from rlft import registry
@@ -107,13 +108,12 @@ def parse_options(cls: type, params: dict[str, Any]) -> Any:
 
 
 def _has_options(cls: type) -> bool:
-    return dataclasses.is_dataclass(getattr(cls, "Options", None)) and "options" in _init_params(cls)
-
-
-def _init_params(cls: type) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
+    """True for a learner built as cls(task, model, reward, options): an `Options` dataclass and a named `options`
+    parameter (a `**options` catch-all is a plain keyword-argument learner)."""
+    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        return False
+    param = inspect.signature(cls.__init__).parameters.get("options")
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 def check_learner_spec(spec: dict | None) -> tuple[type, Any]:

@@ -88,6 +88,27 @@ def user_learners(tmp_path, monkeypatch):
 
             def load_checkpoint(self, directory):
                 pass
+
+
+        class CatchAllLearner(Learner):
+            """A keyword-argument learner whose catch-all happens to be called `options`."""
+
+            def __init__(self, task, model, reward, **options):
+                super().__init__(task, model, reward)
+                self.kwargs = options
+
+            def train_iteration(self):
+                self.iteration += 1
+                return {}
+
+            def control(self):
+                return None
+
+            def save_checkpoint(self, directory):
+                pass
+
+            def load_checkpoint(self, directory):
+                pass
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, USER_MODULE, raising=False)
@@ -181,6 +202,13 @@ def test_a_user_learner_without_options_takes_keyword_arguments(user_learners, g
         learners.check_learner_spec({**spec, "model": "x"})
     with pytest.raises(ConfigError, match="learner.steps must be an integer"):
         learners.check_learner_spec({**spec, "steps": "nine"})
+
+
+def test_a_catch_all_named_options_is_not_mistaken_for_typed_options(user_learners, gmm_task_dict):
+    """`**options` takes the YAML keys as keyword arguments; it is not the typed `options` parameter."""
+    task = _task(gmm_task_dict, {"type": f"{user_learners}:CatchAllLearner", "steps": 9, "name": "x"})
+    learner = learners.build_learner(task, *_objects(task))
+    assert learner.kwargs == {"steps": 9, "name": "x"}
 
 
 def test_a_run_time_registered_learner_is_found_by_name(user_learners, gmm_task_dict, monkeypatch):
