@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 from ray.rllib.core.columns import Columns
-from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from rlft.config import DEFAULT_TASK, task_from_dict
 from rlft.learners import build_learner
 from rlft.models import build_model
 from rlft.rewards import build_reward
 from rlft.rllib.adapter import WEIGHTS_FILE, _flatten, _unflatten
-from rlft.rllib.connectors import KLLossScaleConnector, KLPenaltyConnector
-from rlft.rllib.keys import KL_LOSS_COEFF
+from rlft.rllib.connectors import KLPenaltyConnector
 from rlft.rllib.modules import DriftPolicyModule, drift_model_config, drift_spaces
 
 
@@ -54,18 +52,8 @@ def test_kl_penalty_connector_subtracts_alpha_times_the_closed_form():
     assert torch.allclose(out["default_policy"][Columns.REWARDS], expected, rtol=1e-5)
 
 
-def test_kl_loss_scale_is_alpha_over_the_raw_advantage_std():
-    model = build_model(task_from_dict(small_task()).model, 8)
-    obs_space, act_space = drift_spaces(model)
-    module = DriftPolicyModule(observation_space=obs_space, action_space=act_space, model_config=drift_model_config([1.0] * 8))
-    obs = torch.randn(10, 3)
-    targets = torch.randn(10) * 3
-    mask = torch.ones(10, dtype=torch.bool)
-    mask[[4, 9]] = False
-    batch = {"default_policy": {Columns.OBS: obs, Postprocessing.VALUE_TARGETS: targets, Columns.LOSS_MASK: mask}}
-    out = KLLossScaleConnector(alpha=2.0)(rl_module=_Modules(default_policy=module), batch=batch, episodes=[])
-    raw = targets - module.compute_values({Columns.OBS: obs}).detach()
-    assert torch.allclose(out["default_policy"][KL_LOSS_COEFF], torch.full((10,), 2.0 / float(raw[mask].std())), rtol=1e-5)
+# KLLossScaleConnector's scale is pinned by tests/rllib/test_ppo_kl_math.py against the std RLlib's GAE really
+# standardised the advantages with (and the learner's gradient against the closed-form dJ/dtheta), not restated here.
 
 
 @pytest.mark.ray
