@@ -46,6 +46,7 @@ import yaml
 from rlft import registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
 from rlft.learners import check_learner_spec
+from rlft.rewards.f_regularised import check_task_alpha
 
 #: the logger callbacks `run.loggers` may name (JSON is always written: Tune's results are read from it)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
@@ -260,6 +261,7 @@ def check_components(task: TaskConfig) -> None:
     key or a bad value fails here, before Ray starts, with its path (`learner.<key>`) in the message.
     """
     check_reward_spec(task.reward)
+    check_task_alpha(task.reward, task.alpha)
     check_learner_spec(task.learner)
 
 

@@ -107,6 +107,10 @@ def test_learner_and_reward_arguments_are_checked_without_building(tmp_path):
         _load(tmp_path, _task(learner={"type": "no_such_module:X"}))
     with pytest.raises(ConfigError, match=r"reward\.centre is not a parameter"):
         _load(tmp_path, _task(reward={"type": "quadratic", "centre": [1.0, 1.0]}))
+    # an f-regularised reward carries its own divergence weight: the task's alpha must be 1, caught before Ray
+    fr = {"type": "f_regularised", "base": {"type": "quadratic", "center": [1.0, 1.0]}, "divergence": "chi2", "alpha": 0.5}
+    with pytest.raises(ConfigError, match=r"alpha must be 1 with reward\.type 'f_regularised' \(got 0\.3\).*reward\.alpha"):
+        _load(tmp_path, {**_task(reward=fr), "alpha": 0.3})
 
 
 def test_learner_section_errors_come_before_ray_is_imported(tmp_path):

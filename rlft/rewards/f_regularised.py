@@ -114,6 +114,18 @@ def f_regularised(
     return FRegularisedReward(base_reward, divergence, alpha, lambda_, max_ratio=max_ratio)
 
 
+def check_task_alpha(spec: dict, alpha: float | None) -> None:
+    """With `type: f_regularised` the task's alpha must be `FRegularisedReward.kl_alpha` (1): the divergence weight
+    is the reward's own `alpha` (TANG Cor. 4.4). Cheap; `rlft.run_config` runs it before Ray starts."""
+    if not isinstance(spec, dict) or spec.get("type") != NAME or alpha is None:
+        return
+    if float(alpha) != FRegularisedReward.kl_alpha:
+        raise ConfigError(
+            f"alpha must be {FRegularisedReward.kl_alpha:g} with reward.type {NAME!r} (got {alpha}): the divergence "
+            f"weight is reward.alpha; set the task's alpha: 1 and put the weight in reward.alpha"
+        )
+
+
 def prepare_reward_spec(spec: dict, model: Any, alpha: float | None = None) -> dict:
     """The reward's YAML mapping with everything that costs rollouts solved once (call it on the driver).
 
@@ -133,11 +145,7 @@ def prepare_reward_spec(spec: dict, model: Any, alpha: float | None = None) -> d
     """
     if not isinstance(spec, dict) or spec.get("type") != NAME:
         return spec
-    if alpha is not None and float(alpha) != FRegularisedReward.kl_alpha:
-        raise ConfigError(
-            f"alpha must be {FRegularisedReward.kl_alpha:g} with reward.type {NAME!r} (got {alpha}): the divergence "
-            f"weight is reward.alpha; set the task's alpha: 1 and put the weight in reward.alpha"
-        )
+    check_task_alpha(spec, alpha)
     if spec.get("lambda_") is not None:
         return dict(spec)
     reward = build_reward(spec, model=model)  # solves lambda exactly as a plain build does
