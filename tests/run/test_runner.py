@@ -36,7 +36,7 @@ from rlft.run.trial import TRIAL_FORMAT, TRIAL_VERSION, _restore, read_checkpoin
 from rlft.run_config import run_config_of
 from rlft.sampling import rollout
 
-DUMMY = "tests.test_runner:LinearLearner"
+DUMMY = "tests.run.test_runner:LinearLearner"
 STANDARD_KEYS = {REWARD, KL, OBJECTIVE, OPTIMAL_OBJECTIVE, GAP_CLOSURE, DIVERSITY, ENERGY_DISTANCE,
                  ENERGY_DISTANCE_FLOOR, PRETRAINED}
 ROW_KEYS = STANDARD_KEYS | {ITERATION, REWARD_QUERIES, WALL_TIME, EVAL_ITERATION}
@@ -241,7 +241,7 @@ def test_trial_solves_lambda_once_and_its_learner_sees_the_run_length(tmp_path, 
     monkeypatch.setattr(tune, "report", lambda row, checkpoint=None: reported.append((row, checkpoint is not None)))
     monkeypatch.setattr(trial, "_trial_device", lambda run: "cpu")
     data = _task_dict(tmp_path)
-    data["learner"] = {"type": "tests.test_runner:RewardSpecLearner"}
+    data["learner"] = {"type": "tests.run.test_runner:RewardSpecLearner"}
     data["reward"] = {"type": "f_regularised", "base": {"type": "quadratic", "center": [1.0, 0.5]},
                       "divergence": "kl", "alpha": 0.5, "num_samples": 256}
     data["run"].update(iterations=3, checkpoint_every=2)
@@ -442,7 +442,7 @@ def test_elegant_alpha_sweep_is_interrupted_and_restored_to_the_uninterrupted_le
     """Two alphas of the real ELEGANT learner under Tune: a failure at iteration 3, `--resume` from the checkpoint
     at 2; each restored trial's final learner equals one trained in this process without interruption."""
     data = _task_dict(tmp_path)
-    data["learner"] = {"type": "tests.test_runner:FailingElegant", **TINY_ELEGANT, "fail_at": 3,
+    data["learner"] = {"type": "tests.run.test_runner:FailingElegant", **TINY_ELEGANT, "fail_at": 3,
                        "fail_marker": str(tmp_path / "failed_{alpha}")}
     data["sweep"] = {"alpha": [0.5, 2.0]}
     data["run"].update(name="elegant_sweep", iterations=4, max_concurrent_trials=2)

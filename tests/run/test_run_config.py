@@ -19,9 +19,9 @@ from rlft.run_config import (
     RunConfig, SweepGrid, apply_overrides, load_experiment, parse_assignments, parse_run, run_config_of,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DUMMY = "tests.test_runner:LinearLearner"
-TYPED = "tests.test_run_config:TypedLearner"
+ROOT = Path(__file__).resolve().parents[2]
+DUMMY = "tests.run.test_runner:LinearLearner"
+TYPED = "tests.run.test_run_config:TypedLearner"
 
 
 @dataclasses.dataclass(frozen=True)
