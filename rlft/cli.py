@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "rlft.benchmarks",  # rlft bench ...
     "rlft.run.cli",  # rlft train / rlft sweep
     "rlft.run.jobs_cli",  # rlft submit / rlft jobs
+    "rlft.run.sample_cli",  # rlft sample
 ]
 
 

@@ -77,7 +77,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("algorithms", ("rlft.control", "rlft.guidance")),
     ("envs", ("envs",)),
     ("rllib", ("rlft.rllib",)),
-    ("runners", ("rlft.run", "rlft.runner", "rlft.jobs", "rlft.cli", "rlft.demo", "rlft.benchmarks", "rlft")),
+    ("runners", ("rlft.run", "rlft.runner", "rlft.jobs", "rlft.cli", "rlft.demo", "rlft.benchmarks", "rlft.api", "rlft")),
 )
 
 

@@ -18,6 +18,7 @@ restores (2) with `Algorithm.restore_from_path` instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -238,6 +239,8 @@ class RLlibLearner(Learner):
         checkpoint.write_state(directory, FORMAT, VERSION, {
             "learner": type(self).__name__, "iteration": self.iteration, "reward_queries": self.reward_queries,
             "learner_state": meta, "sampled_lifetime": self._sampled_lifetime(),
+            # what `rlft.load` needs to rebuild the policy's control in plain torch, without Ray
+            "task": dataclasses.asdict(self.task), "module_config": getattr(self, "model_config", None),
         })
         if self.options.save_rllib_checkpoint:
             self.algo.save_to_path(os.path.join(directory, RLLIB_DIR))
