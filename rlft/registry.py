@@ -29,6 +29,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "random_k": "rlft.control.baselines:RandomKLearner",
         "ppo_kl": "rlft.rllib.ppo_kl:PPOKL",
         "fpg": "rlft.rllib.fpg:FPGLearnerAdapter",
+        "discriminator_guidance": "rlft.guidance.discriminator_guidance:DiscriminatorGuidanceLearner",
     },
     "reward": {
         "linear": "rlft.rewards.builtin:LinearReward",
@@ -58,6 +59,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "classifier": "rlft.guidance.classifier:ClassifierGuidance",
         "expected_reward": "rlft.guidance.classifier:ExpectedRewardGuidance",
         "restart": "rlft.guidance.restart:restart_sample",
+        "discriminator": "rlft.guidance.discriminator_guidance:DiscriminatorGuidance",
     },
 }
 
