@@ -27,6 +27,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "no_kl": "rlft.control.baselines:NoKLLearner",
         "truncation": "rlft.control.baselines:TruncationLearner",
         "random_k": "rlft.control.baselines:RandomKLearner",
+        "adjoint_matching": "rlft.control.adjoint_matching:AdjointMatchingLearner",
         "ppo_kl": "rlft.rllib.ppo_kl:PPOKL",
         "fpg": "rlft.rllib.fpg:FPGLearnerAdapter",
         "discriminator_guidance": "rlft.guidance.discriminator_guidance:DiscriminatorGuidanceLearner",

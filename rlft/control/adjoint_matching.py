@@ -1,0 +1,273 @@
+"""Adjoint Matching (Domingo-Enrich et al. 2024, "Adjoint Matching", Alg. 1 and the lean adjoint ODE; S-MEME App. F,
+Alg. 2) as a drift solver on rlft's transition chain (MATH.md §6).
+
+Chain and objective (maximised), with x_0 from the prior:
+
+    x_{k+1} = m_k(x_k) + delta_k(x_k) + s_k eps_k,        J = E[r(x_K)] - alpha sum_k E |delta_k|^2 / (2 s_k^2)
+
+One update (`AdjointMatchingLearner.objective`):
+  1. sample B trajectories under the CURRENT control without gradients (`drift_rollout` under torch.no_grad,
+     keep_path) and detach the states x_0 .. x_K;
+  2. the lean adjoint, backwards through the PRETRAINED mean only (one vector-Jacobian product per step,
+     `lean_adjoint_step`):
+         a_K = grad r(x_K) / alpha,        a_k = (d m_k / d x)(x_k)^T a_{k+1};
+  3. the regression, consumed as the sweep reaches each step (so no step's network activations outlive its chunk):
+         L(theta) = sum_k E | delta_theta(k, x_k) - s_k^2 a_{k+1} |^2 / s_k^2        (a_{k+1}, not a_k)
+     and one Adam step down L.
+Why a_{k+1}: at fixed x_k, max_delta E[V_{k+1}(m_k + delta + s_k eps)] - alpha |delta|^2/(2 s_k^2) has the first-order
+condition delta = s_k^2 E[grad V_{k+1}(x_{k+1}) | x_k] / alpha, and grad V_{k+1} / alpha = E[a_{k+1} | x_{k+1}] (the
+envelope theorem gives the same recursion as step 2). So the regression's fixed point is the chain's exact
+drift-only optimum (tests/control/test_adjoint_matching.py pins it on a linear-Gaussian chain). Signs: the AM
+paper's own convention is a(1) = -grad r, u* = -sigma^T a; S-MEME's Alg. 2 as printed descends f. Here a = +grad r /
+alpha and delta* = +s^2 a, pinned by that test, not copied from either.
+
+The fixed point is the tilted target exp(r/alpha) p_pre only when the pretrained chain is memoryless (x_0 carries no
+information about x_K). `chain_memory` measures it: along random directions v at x_K, the share of the linearised
+variance of v.x_K that comes from x_0,
+
+    mu = E[ sum_d Var(x_0)_d (Phi_0^T v)_d^2 ] / E[ sum_d Var(x_0)_d (Phi_0^T v)_d^2 + sum_k s_k^2 |Phi_{k+1}^T v|^2 ],
+
+with Phi_k^T v the lean adjoint started from v (the same VJPs). For a VP chain with DDPM variance and Gaussian data
+N(0, v0) it is corr(x_0, x_K)^2 ~ a(T)^2 v0 (rlft's default schedule: a(T)^2 ~ 4e-5); a DDIM chain with eta < 1
+or a short horizon (beta_max = 1: a(T)^2 = 0.58) remembers x_0. The learner refuses (ConfigError) when
+mu > `max_memory`.
+
+Optional (the AM paper's public practice, off by default): `step_subset` regresses on the last quarter of the steps
+plus a random quarter of the others (those weighted by 1/p, so the loss stays unbiased for L).
+
+Options: `AdjointMatchingOptions`; machinery (windows, seeds, schedule, clipping, checkpoints): the base
+`rlft.control.rollout.DifferentiableLearner`. Reward gradients count as reward queries (B per update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from rlft.config import ConfigError
+from rlft.control.networks import NetworkControl
+from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions
+from rlft.control.rollout import DifferentiableLearner
+from rlft.models.base import DiffusionModel
+from rlft.rewards.base import evaluate
+
+FORMAT = "rlft-adjoint-matching"
+FORMAT_VERSION = 1
+#: defaults (see AdjointMatchingOptions for what was measured)
+DEFAULT_LR, DEFAULT_DRIFT_ITERATIONS, DEFAULT_MAX_GRAD_NORM = 1e-3, 1000, 0.0
+#: rows (trajectories x steps) of one regression chunk for a network control: bounds the live activations of the
+#: loss independently of K (a chunk is consumed, back-propagated and freed before the sweep goes on)
+LOSS_ROWS = 16384
+#: trajectories and prior samples of the memorylessness check
+MEMORY_PROBES, MEMORY_PRIOR_SAMPLES = 16, 4096
+
+REGRESSION_LOSS = "regression_loss"
+TRAIN_REWARD = "train_reward"
+TRAIN_KL = "train_kl"
+ADJOINT_NORM = "adjoint_norm"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjointMatchingOptions(DifferentiableOptions):
+    """Adjoint Matching's options (the YAML `learner:` keys besides `type`); model-independent checks run here.
+
+    `lr` None = 1e-3, `drift_iterations` None = 1000, `max_grad_norm` None = 0 (no clipping).
+    """
+
+    step_subset: bool = False
+    """Regress on the last quarter of the steps plus a random quarter of the others (weighted 1/p) instead of all."""
+    max_memory: float = 0.01
+    """Refuse chains whose memory mu (share of x_K's linearised variance due to x_0, module docstring) exceeds this;
+    1 turns the check off."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.max_memory <= 1.0:
+            raise ConfigError(f"learner.max_memory must be in [0, 1] (got {self.max_memory}); e.g. 0.01, or 1 to skip the check")
+
+
+# -- the math (pure torch) -------------------------------------------------------------------------------------
+
+
+def reward_gradient(reward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(x) (B,), grad_x r(x) (B, *event)), both detached."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        r = evaluate(reward, x)
+        (grad,) = torch.autograd.grad(r.sum(), x)
+    return r.detach(), grad.detach()
+
+
+def lean_adjoint_step(model: DiffusionModel, k: int, x: torch.Tensor, a_next: torch.Tensor,
+                      cond: torch.Tensor | None = None) -> torch.Tensor:
+    """a_k = (d m_k / d x)(x_k)^T a_{k+1}: one vector-Jacobian product through the PRETRAINED mean of step k.
+
+    x: x_k (B, *event), detached; a_next: a_{k+1} (B, *event) -> a_k (B, *event), detached."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (a,) = torch.autograd.grad(model.mean(k, x, cond), x, a_next)
+    return a.detach()
+
+
+def lean_adjoint(model: DiffusionModel, path: torch.Tensor, a_final: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+    """All of a_0 .. a_K from a_K (the sweep of step 2, kept whole: for tests and small chains).
+
+    path: x_0 .. x_K (B, K+1, *event); a_final: a_K (B, *event) -> (B, K+1, *event)."""
+    a = [a_final]
+    for k in reversed(range(path.shape[1] - 1)):
+        a.append(lean_adjoint_step(model, k, path[:, k], a[-1], cond))
+    return torch.stack(a[::-1], dim=1)  # (B, K+1, *event)
+
+
+def regression_loss(delta: torch.Tensor, a_next: torch.Tensor, std: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-trajectory sum_k w_k |delta_k - s_k^2 a_{k+1}|^2 / s_k^2 over the given steps (w = 1 by default).
+
+    delta, a_next: (B, n, *event) for n steps; std, weight: (n,) -> (B,)."""
+    var = std.to(delta.dtype).pow(2).reshape(1, -1, *([1] * (delta.dim() - 2)))  # (1, n, 1, ...)
+    per_step = ((delta - var * a_next).pow(2) / var).flatten(2).sum(2)  # (B, n)
+    if weight is not None:
+        per_step = per_step * weight.to(per_step.dtype)
+    return per_step.sum(1)
+
+
+@torch.no_grad()
+def chain_memory(model: DiffusionModel, generator: torch.Generator, n: int = MEMORY_PROBES) -> float:
+    """mu: the share of the pretrained chain's linearised variance of v.x_K that comes from x_0 (module docstring).
+
+    n pretrained trajectories, one random direction v ~ N(0, I) each, the lean adjoint from a_K = v."""
+    from rlft.sampling import rollout
+
+    var0 = model.prior_sample(MEMORY_PRIOR_SAMPLES, generator).flatten(1).var(0)  # (D,)
+    path = rollout(model, model.prior_sample(n, generator), generator=generator, keep_path=True).path  # (n, K+1, *event)
+    a = torch.randn(path[:, -1].shape, generator=generator, device=path.device, dtype=path.dtype)
+    noise = path.new_zeros(n)
+    for k in reversed(range(model.num_steps)):
+        noise += model.std(k) ** 2 * a.flatten(1).pow(2).sum(1)  # s_k^2 |Phi_{k+1}^T v|^2
+        a = lean_adjoint_step(model, k, path[:, k], a)
+    prior = (var0 * a.flatten(1).pow(2)).sum(1)
+    return float(prior.sum() / (prior.sum() + noise.sum()))
+
+
+# -- the learner ---------------------------------------------------------------------------------------------
+
+
+class AdjointMatchingLearner(DifferentiableLearner):
+    """Adjoint Matching on one task (see the module docstring for the algorithm and the options)."""
+
+    Options: ClassVar[type] = AdjointMatchingOptions
+    name: ClassVar[str] = "adjoint_matching"
+    checkpoint_format: ClassVar[str] = FORMAT
+    checkpoint_version: ClassVar[int] = FORMAT_VERSION
+
+    def resolve_defaults(self, o: AdjointMatchingOptions) -> AdjointMatchingOptions:
+        return dataclasses.replace(
+            o, lr=DEFAULT_LR if o.lr is None else o.lr,
+            max_grad_norm=DEFAULT_MAX_GRAD_NORM if o.max_grad_norm is None else o.max_grad_norm,
+            drift_iterations=DEFAULT_DRIFT_ITERATIONS if o.drift_iterations is None else o.drift_iterations,
+        )
+
+    def check_model(self) -> None:
+        super().check_model()
+        if not self.task.alpha > 0:
+            raise ConfigError(f"alpha must be > 0 for learner {self.name!r} (got {self.task.alpha}): a_K = grad r / alpha")
+        if not getattr(self.reward, "differentiable", True):
+            raise ConfigError(
+                f"reward {getattr(self.reward, 'name', '?')!r} is not differentiable; learner {self.name!r} needs grad r "
+                "(the lean adjoint starts at grad r / alpha): use learner type ppo_kl instead")
+        if self.options.max_memory < 1.0:
+            gen = torch.Generator(device=self.model.device).manual_seed(int(self.task.seed) + 1)
+            self.memory = chain_memory(self.model, gen)
+            if self.memory > self.options.max_memory:
+                raise ConfigError(
+                    f"learner {self.name!r}: the pretrained chain is not memoryless: x_0 explains {self.memory:.3g} of x_K's "
+                    f"linearised variance (learner.max_memory = {self.options.max_memory}), so the regression's fixed point "
+                    "is not exp(r/alpha) p_pre (e.g. DDIM with eta < 1, or a schedule with a(T)^2 not near 0); use a DDPM "
+                    "chain (eta = 1) with a long enough schedule, learner type elegant (it learns the initial law), or "
+                    "raise learner.max_memory to accept the bias")
+
+    def compute_derived(self) -> dict[str, Any]:
+        return {**super().compute_derived(), "loss_chunk_steps": self.chunk_steps(),
+                "memory": getattr(self, "memory", None)}
+
+    def chunk_steps(self) -> int:
+        """Steps per regression chunk: LOSS_ROWS rows for a network control, one step otherwise (a LoRA UNet)."""
+        if isinstance(self._control, NetworkControl):
+            return max(1, LOSS_ROWS // self.options.batch_size)
+        return 1
+
+    def regression_steps(self) -> dict[int, float]:
+        """{step k: weight} of this update's loss: every step with weight 1, or with `step_subset` the last quarter
+        plus each other step with probability 1/3 (a quarter of all steps), weighted 3."""
+        K = self.model.num_steps
+        if not self.options.step_subset or K < 4:
+            return {k: 1.0 for k in range(K)}
+        last = K - K // 4
+        p = (K // 4) / last
+        draws = torch.rand(last, generator=self._rng).tolist()
+        return {**{k: 1.0 / p for k in range(last) if draws[k] < p}, **{k: 1.0 for k in range(last, K)}}
+
+    def _deltas(self, steps: list[int], states: torch.Tensor) -> torch.Tensor:
+        """delta_theta(k, x_k) for ascending steps and their states (B, n, *event) -> (B, n, *event)."""
+        control = self._control
+        if isinstance(control, NetworkControl):
+            runs, i = [], 0
+            for j in range(1, len(steps) + 1):  # split into runs of consecutive steps: one network call each
+                if j == len(steps) or steps[j] != steps[j - 1] + 1:
+                    runs.append(control.all_steps(states[:, i:j], steps[i]))
+                    i = j
+            return torch.cat(runs, dim=1)
+        return torch.stack([control(k, states[:, j]) for j, k in enumerate(steps)], dim=1)
+
+    def objective(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Steps 1-3 of the module docstring; the regression's gradient is accumulated chunk by chunk in the sweep.
+
+        Returns the linear surrogate -<theta, grad L> (its gradient is -grad L, so the base's `optimizer_step`, which
+        ascends the objective, takes the Adam step down L with its norm check and clipping) and the metrics."""
+        o, model = self.options, self.model
+        B, K = o.batch_size, model.num_steps
+        gen = self.device_generator()
+        x0 = self.initial_states(B, gen)
+        seeds = self.window_seeds(len(self.windows()))
+        with torch.no_grad():  # 1. trajectories under the current control, detached states
+            x_final, kl, path = self.drift_rollout(x0, seeds, keep_path=True)  # path: (B, K+1, *event)
+        r, grad_r = reward_gradient(self.reward, x_final)  # 2. a_K = grad r(x_K) / alpha
+        self.reward_queries += B
+        a = grad_r / self.task.alpha
+        weights = self.regression_steps()
+        chunk = self.chunk_steps()
+        params = self._drift_params
+        grads = [torch.zeros_like(p) for p in params]
+        total, queue = 0.0, []
+
+        def consume() -> None:  # 3. this chunk's loss, back-propagated now and freed
+            nonlocal total
+            steps = [k for k, _ in queue][::-1]  # ascending
+            a_next = torch.stack([t for _, t in queue][::-1], dim=1)  # (B, n, *event)
+            w = torch.tensor([weights[k] for k in steps], dtype=path.dtype, device=path.device)  # (n,)
+            std = torch.tensor([model.std(k) for k in steps], dtype=path.dtype, device=path.device)  # (n,)
+            loss = regression_loss(self._deltas(steps, path[:, steps]), a_next, std, w).mean()
+            for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                if d is not None:
+                    g += d
+            total += float(loss.detach())
+            queue.clear()
+
+        for k in reversed(range(K)):
+            if k in weights:
+                queue.append((k, a))  # step k regresses on a_{k+1}
+            if queue and (len(queue) >= chunk or k == 0):
+                consume()
+            if k > 0:
+                a = lean_adjoint_step(model, k, path[:, k], a)  # a_k
+        surrogate = -sum((p * g).sum() for p, g in zip(params, grads))
+        metrics = {
+            REGRESSION_LOSS: total, TRAIN_REWARD: float(r.mean()), TRAIN_KL: float(kl.mean()),
+            TRAIN_OBJECTIVE: float(r.mean() - self.task.alpha * kl.mean()),
+            ADJOINT_NORM: float(grad_r.flatten(1).norm(dim=1).mean() / self.task.alpha),
+        }
+        return surrogate, metrics
