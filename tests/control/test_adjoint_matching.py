@@ -60,10 +60,10 @@ def make(data: dict | None = None, **learner):
     return build_learner(task, model, build_reward(task.reward, model=model))
 
 
-@pytest.mark.parametrize("step_subset", [False, True])
-def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, step_subset):
+@pytest.mark.parametrize("step_subset,clip", [(False, None), (True, None), (False, 0.8)])
+def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, step_subset, clip):
     monkeypatch.setattr(am, "LOSS_ROWS", 3 * 32)  # chunks of 3 steps at batch 32: 3 + 3 + 3 + 1 for K = 10
-    lrn = make(batch_size=32, hidden=16, depth=2, step_subset=step_subset)
+    lrn = make(batch_size=32, hidden=16, depth=2, step_subset=step_subset, loss_clip_quantile=clip)
     assert lrn.chunk_steps() == 3
     with torch.no_grad():
         for p in lrn.drift_net.parameters():
@@ -83,8 +83,12 @@ def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, ste
     a = am.lean_adjoint(lrn.model, path, grad_r / lrn.task.alpha)  # (B, K+1, 2)
     weights = lrn.regression_steps()
     assert (len(weights) < 10) == step_subset and all(k in weights for k in range(8, 10))
-    loss = sum(w * (lrn.control()(k, path[:, k]) - lrn.model.std(k) ** 2 * a[:, k + 1]).pow(2).sum(-1)
-               / lrn.model.std(k) ** 2 for k, w in weights.items()).mean()
+    terms = {k: (lrn.control()(k, path[:, k]) - lrn.model.std(k) ** 2 * a[:, k + 1]).pow(2).sum(-1) / lrn.model.std(k) ** 2
+             for k in weights}  # (B,) each
+    if clip is not None:  # the first update's running quantile is the batch's
+        terms = {k: torch.clamp(t, max=float(torch.quantile(t.detach(), clip))) for k, t in terms.items()}
+        assert sorted(lrn.clip_thresholds) == sorted(weights)
+    loss = sum(w * terms[k] for k, w in weights.items()).mean()
     assert metrics[am.REGRESSION_LOSS] == pytest.approx(float(loss.detach()), rel=1e-10)
     for got, want in zip(swept, torch.autograd.grad(loss, params)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -173,8 +177,18 @@ def test_the_fixed_point_is_the_drift_only_optimum_on_a_linear_gaussian_chain(ga
 
 
 def small(**extra):
-    return dict(batch_size=256, hidden=32, depth=2, lr=1e-2, drift_iterations=60, drift_iterations_per_train_iteration=10,
-                **extra)
+    return {**dict(batch_size=256, hidden=32, depth=2, lr=1e-2, drift_iterations=60, drift_iterations_per_train_iteration=10),
+            **extra}
+
+
+def test_clipping_thresholds_resume_exactly(tmp_path):
+    lrn = make(**small(loss_clip_quantile=0.9, batch_size=64))
+    lrn.train_iteration()
+    lrn.save_checkpoint(str(tmp_path))
+    other = make(**small(loss_clip_quantile=0.9, batch_size=64))
+    other.load_checkpoint(str(tmp_path))
+    assert other.clip_thresholds == lrn.clip_thresholds and len(lrn.clip_thresholds) == 10
+    assert lrn.train_iteration() == other.train_iteration()
 
 
 def test_the_learner_closes_the_gap_and_resumes_exactly(tmp_path):
@@ -213,4 +227,6 @@ def test_a_chain_that_remembers_x0_and_a_reward_without_gradients_are_refused(ga
         lrn.check_model()
     with pytest.raises(ConfigError, match="learner.max_memory"):
         make(max_memory=2.0)
+    with pytest.raises(ConfigError, match="learner.loss_clip_quantile"):
+        make(loss_clip_quantile=1.0)
     assert dataclasses.asdict(lrn.options)["step_subset"] is False
