@@ -222,7 +222,7 @@ def test_options_errors_name_the_key_and_the_fix():
         check_learner_spec({"type": "discriminator_guidance", "data": {"type": "gmm", "means": [[0.0, 0.0]]}})
     cls, options = check_learner_spec({"type": "discriminator_guidance", "data": {"path": "x.npy"}})
     assert cls is DiscriminatorGuidanceLearner and isinstance(options, DiscriminatorGuidanceOptions)
-    assert (options.objective, options.hidden, options.depth, options.data.kind) == ("ce", 128, 2, "array")
+    assert (options.objective, options.hidden, options.depth, options.data.kind) == ("mse_ce", 128, 2, "array")
     with pytest.raises(ConfigError, match=r"learner.window must be \[first, stop\)"):
         _learner({"window": [0, 21]})
     with pytest.raises(ConfigError, match="learner.data's mixture is 2-D but the model's samples have shape"):
