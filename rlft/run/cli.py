@@ -10,7 +10,8 @@ result.json, TensorBoard events, checkpoint_*, and after the run rlft_history.js
 checkpoint's history), rlft_experiment.json, rlft_results.json and plots/.
 
 Exit status: 0 when every trial finished, 1 when one failed (continue with `--resume`), 2 for a
-configuration error (`rlft.cli.main`).
+configuration error (`rlft.cli.main`), 130 / 143 when stopped by Ctrl-C (SIGINT) / SIGTERM: Tune saves the
+experiment state, the driver prints the `--resume` command and writes no results.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from rlft.config import ConfigError, load_yaml
 from rlft.run.results import collect_trials, make_plots, print_table, summary
-from rlft.run.tune import init_ray, run_experiment, warn_if_unplaceable
+from rlft.run.tune import init_ray, run_experiment, stop_on_signals, warn_if_unplaceable
 from rlft.run.keys import ERRORED, EXPERIMENT_FILE, RESULTS_FILE, STATUS
 from rlft.run.storage import dumps, experiment_path, join, json_default, log, read_bytes, write_bytes
 from rlft.run_config import SweepGrid, apply_overrides, experiment_from_dict, parse_assignments
@@ -84,11 +86,22 @@ def run_command(args: argparse.Namespace, sweep: bool) -> int:
         saved = {_TASK: data, _GRID: grid.params, _CONFIG_PATH: os.path.abspath(args.config), _COMMAND: command}
         write_bytes(join(path, EXPERIMENT_FILE), dumps(saved))
     log(f"rlft {command}: {grid.num_trials} trial(s) x {run.iterations} iterations -> {path}")
-    init_ray(args.address)
-    warn_if_unplaceable(run)
+    resume = _resume_command(args, command, path, run)
     stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # Tune's and the workers' printing is progress: stderr
-        result_grid = run_experiment(data, run, grid, path, resume=args.resume)
+    received: list[int] = []  # the stop signals (SIGINT, SIGTERM) that reached the driver
+    try:
+        init_ray(args.address)
+        warn_if_unplaceable(run)
+        # Tune's and the workers' printing is progress: stderr
+        with stop_on_signals(received), contextlib.redirect_stdout(sys.stderr):
+            result_grid = run_experiment(data, run, grid, path, resume=args.resume)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune started
+        received = received or [signal.SIGINT]
+    if received:
+        log(f"rlft {command}: interrupted by {signal.Signals(received[0]).name}; the experiment {path} keeps its "
+            f"checkpoints and state. Continue it with:\n  {resume}")
+        return 128 + int(received[0])
+    with contextlib.redirect_stdout(sys.stderr):
         trials = collect_trials(result_grid, grid, path)
         plots = make_plots(trials, grid, path)
     out = summary(trials, grid, path, plots, sweep)
@@ -98,7 +111,12 @@ def run_command(args: argparse.Namespace, sweep: bool) -> int:
         print(json.dumps(out, default=json_default), file=stdout)
     errors = sum(t[STATUS] == ERRORED for t in trials)
     if errors:
-        log(f"{errors} trial(s) failed; continue them from their last checkpoints with: "
-            f"rlft {command} {args.config} --resume --name {os.path.basename(path)}"
-            + (f" --storage-path {run.storage_path}" if args.storage_path else ""))
+        log(f"{errors} trial(s) failed; continue them from their last checkpoints with: {resume}")
     return 1 if errors else 0
+
+
+def _resume_command(args: argparse.Namespace, command: str, path: str, run) -> str:
+    """The command that continues this experiment (`--resume` finds it by name under its storage path)."""
+    return (f"rlft {command} {args.config} --resume --name {os.path.basename(path)}"
+            + (f" --storage-path {run.storage_path}" if args.storage_path or "run.storage_path" in parse_assignments(args.set)
+               else ""))

@@ -2,16 +2,19 @@
 
 Per-trial resources come from the config (fractional GPUs, RLlib env runners and learners: `RunConfig.
 resource_bundles`, or the learner class's `trial_resources(task, run)`); retries from `FailureConfig`
-(`run.max_failures`); `--resume` of an interrupted experiment is `Tuner.restore(..., resume_errored=True)`;
-logs are JSON always, then what `run.loggers` names (TensorBoard, CSV, MLflow, W&B).
+(`run.max_failures`); `--resume` of an interrupted experiment is `Tuner.restore(..., resume_errored=True)`; Ctrl-C / SIGTERM
+become Tune's graceful stop (`stop_on_signals`: the experiment state is saved one last time); logs are JSON always, then what `run.loggers` names (TensorBoard, CSV, MLflow, W&B).
 Ray is imported inside the functions, so `rlft --help` and config validation never start it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,50 @@ def init_ray(address: str | None = None) -> None:
     paths += [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     ray.init(address="local", include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}})
+
+
+#: the signals `stop_on_signals` turns into Tune's graceful stop
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals(received: list[int]) -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) and SIGTERM while Tune runs -> Tune's graceful stop; appends the signals to `received`.
+
+    Enter it after `init_ray`: Ray's driver installs its own SIGTERM handler when it connects.
+
+    Tune stops on SIGINT and SIGUSR1 alike (it saves the experiment state one last time, so `--resume` continues),
+    but not on SIGTERM, and afterwards nothing tells its caller that the run was cut short. Here both signals are
+    recorded and handed to Tune's SIGUSR1 handler (Tune's own SIGINT handler is disabled for the block). A second
+    signal, or one before Tune has started, raises KeyboardInterrupt at once. Outside the main thread (where
+    handlers cannot be set) nothing changes and the list stays empty.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        first = not received
+        received.append(signum)
+        if first and callable(tune_stop):
+            tune_stop(signal.SIGUSR1, frame)
+        else:
+            raise KeyboardInterrupt
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield received
+        return
+    previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 def warn_if_unplaceable(run: RunConfig) -> None:
