@@ -39,7 +39,9 @@ from rlft import checkpoint, metrics
 from rlft.config import ConfigError
 from rlft.control.options import DifferentiableOptions
 from rlft.control.rollout import DifferentiableLearner
-from rlft.evaluation import ENERGY_BLOCKS, ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, FLOOR_DRAWS, KL, NUM_SAMPLES, PRETRAINED
+from rlft.evaluation import (
+    ENERGY_BLOCKS, ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, FLOOR_DRAWS, KL, NUM_SAMPLES, OBJECTIVE, PRETRAINED,
+)
 from rlft.guidance.discriminator import (
     CE_LOSS, MSE_LOSS, TRAIN_LOSS, Levels, ce_loss, logit_and_gradient, logit_net, mse_loss, score_error,
     scores_at_levels,
@@ -311,7 +313,8 @@ class DiscriminatorGuidanceLearner(DifferentiableLearner):
 
     def evaluate(self, num_samples: int = 2000, seed: int | None = None, progress: bool = False) -> dict[str, Any]:
         """Energy distance of refined and of uncorrected samples to held-out data, with its floor; E_phi and E_theta
-        for mixture data; the refined chain's path KL to the pretrained one."""
+        for mixture data; the refined chain's path KL to the pretrained one. This learner has no reward, so its
+        `objective` (what `rlft sweep` ranks trials by, maximised) is minus the energy distance to held-out data."""
         seed = int(self.task.seed) + 1 if seed is None else seed
         ref, floor = self.held_out(num_samples, seed + 20_000)
         n = ref.shape[0]
@@ -324,6 +327,7 @@ class DiscriminatorGuidanceLearner(DifferentiableLearner):
         }
         pretrained: dict[str, Any] = {ENERGY_DISTANCE: metrics.energy_distance(pre.x.double(), ref, block),
                                       ENERGY_DISTANCE_FLOOR: floor, KL: 0.0, NUM_SAMPLES: n}
+        out[OBJECTIVE], pretrained[OBJECTIVE] = -out[ENERGY_DISTANCE], -pretrained[ENERGY_DISTANCE]
         if self.options.data.kind == "gmm":
             out[SCORE_ERROR], pretrained[SCORE_ERROR] = self.score_errors(seed=seed)
         out[PRETRAINED] = pretrained

@@ -209,6 +209,7 @@ def test_the_learner_trains_each_objective_saves_and_loads(tmp_path):
     figures = lrn.evaluate(num_samples=128)
     assert {"energy_distance", "energy_distance_floor", SCORE_ERROR, "pretrained"} <= set(figures)
     assert figures["pretrained"]["energy_distance"] > 0 and math.isfinite(figures["pretrained"][SCORE_ERROR])
+    assert figures["objective"] == -figures["energy_distance"]  # what Tune ranks trials by: no reward here
 
 
 def test_options_errors_name_the_key_and_the_fix():
