@@ -230,3 +230,21 @@ def test_a_chain_that_remembers_x0_and_a_reward_without_gradients_are_refused(ga
     with pytest.raises(ConfigError, match="learner.loss_clip_quantile"):
         make(loss_clip_quantile=1.0)
     assert dataclasses.asdict(lrn.options)["step_subset"] is False
+
+
+@pytest.mark.slow  # 5-17 s: diffusers' import and a UNet VJP per step
+def test_a_lora_adapter_on_a_diffusers_chain_is_the_control():
+    from rlft.config import task_from_dict as task_of
+    from tests.models.test_diffusers_chain import float64, make_chain
+
+    chain = float64(make_chain("ddpm"))  # a random tiny UNet: K = 10 steps over 100 timesteps, not memoryless
+    task = task_of({
+        "model": {"type": "gmm", "weights": [1.0], "means": [[0.0]], "stds": [1.0]}, "reward": {"type": "linear", "direction": [1.0]},
+        "alpha": 1.0, "num_steps": chain.num_steps, "seed": 0,
+        "learner": {"type": "adjoint_matching", "batch_size": 2, "max_memory": 1.0, "drift_iterations": 1}})
+    lrn = build_learner(task, chain, FunctionReward(lambda x: x.flatten(1).mean(1)))
+    assert lrn.uses_lora and lrn.chunk_steps() == 1
+    before = [p.detach().clone() for p in lrn._drift_params]
+    metrics = lrn.update()
+    assert metrics["grad_norm"] > 0 and lrn.reward_queries == 2
+    assert any(not torch.equal(p, q) for p, q in zip(lrn._drift_params, before))
