@@ -2,7 +2,8 @@
 
 RUN_OR_CHECKPOINT is anything `rlft.load` takes: an experiment folder (`<run.storage_path>/<name>`, its newest good
 checkpoint), a trial directory, a trial checkpoint or a learner checkpoint. The samples are written as one
-(N, *event_shape) float32 .npy file, atomically; `--png` adds a scatter beside it for 2-D tasks. Ray is not started.
+(N, *event_shape) float32 .npy file, atomically; `--png` adds a scatter beside it (with the pretrained model's
+samples) for 2-D tasks. Ray is not started.
 
 Exit status: 0 when written; 2 when the path is not a checkpoint or an argument is wrong (nothing is written).
 """
@@ -10,6 +11,7 @@ Exit status: 0 when written; 2 when the path is not a checkpoint or an argument 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +38,8 @@ def sample_command(args: argparse.Namespace) -> int:
     from rlft.checkpoint import CheckpointError
     from rlft.files import atomic_path
 
+    if os.getcwd() not in sys.path:  # a user's "module:Class" rewards/learners next to them, as `rlft train` does
+        sys.path.insert(0, os.getcwd())
     out = Path(args.out)
     if args.num_samples < 1:
         print(f"rlft sample: -n must be >= 1 (got {args.num_samples})", file=sys.stderr)
@@ -58,6 +62,11 @@ def sample_command(args: argparse.Namespace) -> int:
         else:
             from rlft.plots import scatter_samples
 
-            png = scatter_samples(out.with_suffix(".png"), x, title=f"{x.shape[0]} samples, {sampler.checkpoint}")
+            from rlft.sampling import sample
+
+            seed = sampler.task.seed if args.seed is None else args.seed
+            pre = sample(sampler.base, args.num_samples, seed=seed + 1, progress=False).x.float().numpy()
+            png = scatter_samples(out.with_suffix(".png"), x, pretrained=pre,
+                                  title=f"{x.shape[0]} samples of {Path(args.path).resolve().name}, beside the pretrained model")
             log(f"rlft sample: scatter -> {png}")
     return 0
