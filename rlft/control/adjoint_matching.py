@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 import torch
 
 from rlft.config import ConfigError
-from rlft.control.networks import NetworkControl
+from rlft.control.networks import NetworkControl, score_coefficient
 from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions
 from rlft.control.rollout import DifferentiableLearner
 from rlft.models.base import DiffusionModel
@@ -67,6 +67,7 @@ LOSS_ROWS = 16384
 #: trajectories and prior samples of the memorylessness check
 MEMORY_PROBES, MEMORY_PRIOR_SAMPLES = 16, 4096
 
+LOSS_WEIGHTINGS = ("path_kl", "uniform")
 #: weight of each batch in the running quantile of `loss_clip_quantile`
 CLIP_EMA = 0.1
 
@@ -83,6 +84,10 @@ class AdjointMatchingOptions(DifferentiableOptions):
     `lr` None = 1e-3, `drift_iterations` None = 1000, `max_grad_norm` None = 0 (no clipping).
     """
 
+    loss_weighting: str = "path_kl"
+    """Per-step weight of the regression: path_kl (L as written, |delta - s^2 a|^2 / s^2, the path KL's metric) or
+    uniform (each step divided by c_k^2 / s_k^2, i.e. |g - s^2 a / c_k|^2 for delta = c_k g: every noise level counts
+    alike); a positive weight per step does not move the fixed point."""
     step_subset: bool = False
     """Regress on the last quarter of the steps plus a random quarter of the others (weighted 1/p) instead of all."""
     loss_clip_quantile: float | None = None
@@ -94,6 +99,8 @@ class AdjointMatchingOptions(DifferentiableOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"learner.loss_weighting must be one of {list(LOSS_WEIGHTINGS)} (got {self.loss_weighting!r})")
         if self.loss_clip_quantile is not None and not 0.0 < self.loss_clip_quantile < 1.0:
             raise ConfigError(f"learner.loss_clip_quantile must be in (0, 1) (got {self.loss_clip_quantile}); e.g. 0.99, or null for none")
         if not 0.0 <= self.max_memory <= 1.0:
@@ -222,14 +229,19 @@ class AdjointMatchingLearner(DifferentiableLearner):
 
     def regression_steps(self) -> dict[int, float]:
         """{step k: weight} of this update's loss: every step with weight 1, or with `step_subset` the last quarter
-        plus each other step with probability 1/3 (a quarter of all steps), weighted 3."""
+        plus each other step with probability 1/3 (a quarter of all steps), weighted 3; times s_k^2 / c_k^2 with
+        loss_weighting uniform."""
         K = self.model.num_steps
         if not self.options.step_subset or K < 4:
-            return {k: 1.0 for k in range(K)}
-        last = K - K // 4
-        p = (K // 4) / last
-        draws = torch.rand(last, generator=self._rng).tolist()
-        return {**{k: 1.0 / p for k in range(last) if draws[k] < p}, **{k: 1.0 for k in range(last, K)}}
+            weights = {k: 1.0 for k in range(K)}
+        else:
+            last = K - K // 4
+            p = (K // 4) / last
+            draws = torch.rand(last, generator=self._rng).tolist()
+            weights = {**{k: 1.0 / p for k in range(last) if draws[k] < p}, **{k: 1.0 for k in range(last, K)}}
+        if self.options.loss_weighting == "uniform":
+            weights = {k: w * self.model.std(k) ** 2 / score_coefficient(self.model, k) ** 2 for k, w in weights.items()}
+        return weights
 
     def _clip_thresholds(self, steps: list[int], terms: torch.Tensor) -> torch.Tensor:
         """The running per-step quantiles (an exponential average, weight CLIP_EMA, of each batch's quantile) after

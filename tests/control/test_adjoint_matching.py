@@ -60,10 +60,11 @@ def make(data: dict | None = None, **learner):
     return build_learner(task, model, build_reward(task.reward, model=model))
 
 
-@pytest.mark.parametrize("step_subset,clip", [(False, None), (True, None), (False, 0.8)])
-def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, step_subset, clip):
+@pytest.mark.parametrize("step_subset,clip,weighting", [(False, None, "path_kl"), (True, None, "path_kl"), (False, 0.8, "path_kl"),
+                                                       (True, None, "uniform")])
+def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, step_subset, clip, weighting):
     monkeypatch.setattr(am, "LOSS_ROWS", 3 * 32)  # chunks of 3 steps at batch 32: 3 + 3 + 3 + 1 for K = 10
-    lrn = make(batch_size=32, hidden=16, depth=2, step_subset=step_subset, loss_clip_quantile=clip)
+    lrn = make(batch_size=32, hidden=16, depth=2, step_subset=step_subset, loss_clip_quantile=clip, loss_weighting=weighting)
     assert lrn.chunk_steps() == 3
     with torch.no_grad():
         for p in lrn.drift_net.parameters():
@@ -83,6 +84,9 @@ def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, ste
     a = am.lean_adjoint(lrn.model, path, grad_r / lrn.task.alpha)  # (B, K+1, 2)
     weights = lrn.regression_steps()
     assert (len(weights) < 10) == step_subset and all(k in weights for k in range(8, 10))
+    if weighting == "uniform":  # |delta - s^2 a|^2 / s^2 = (c^2 / s^2) |g - s^2 a / c|^2 for delta = c g
+        c = lrn.control().scales
+        assert weights[9] == pytest.approx(lrn.model.std(9) ** 2 / c[9] ** 2, rel=1e-12)
     terms = {k: (lrn.control()(k, path[:, k]) - lrn.model.std(k) ** 2 * a[:, k + 1]).pow(2).sum(-1) / lrn.model.std(k) ** 2
              for k in weights}  # (B,) each
     if clip is not None:  # the first update's running quantile is the batch's
@@ -229,6 +233,8 @@ def test_a_chain_that_remembers_x0_and_a_reward_without_gradients_are_refused(ga
         make(max_memory=2.0)
     with pytest.raises(ConfigError, match="learner.loss_clip_quantile"):
         make(loss_clip_quantile=1.0)
+    with pytest.raises(ConfigError, match="learner.loss_weighting"):
+        make(loss_weighting="kl")
     assert dataclasses.asdict(lrn.options)["step_subset"] is False
 
 
