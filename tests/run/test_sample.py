@@ -42,6 +42,10 @@ LEARNERS = {
     "elegant": {"type": "elegant", **TINY},
     "no_kl": {"type": "no_kl", **{k: TINY[k] for k in ("batch_size", "drift_iterations_per_train_iteration",
                                                       "drift_iterations", "hidden", "depth")}},
+    "truncation": {"type": "truncation", "truncation_steps": 2, **{k: TINY[k] for k in (
+        "batch_size", "drift_iterations_per_train_iteration", "drift_iterations", "hidden", "depth")}},
+    "random_k": {"type": "random_k", **{k: TINY[k] for k in (
+        "batch_size", "drift_iterations_per_train_iteration", "drift_iterations", "hidden", "depth")}},
     "ppo_kl": {"type": "ppo_kl", **PPO_TINY},
     "fpg": {"type": "fpg", **PPO_TINY, "expert": {"type": "gmm", "weights": [1.0], "means": [[1.0, 1.0]], "stds": [0.3]},
             "num_expert_samples": 500, "num_disc_updates": 2, "disc_batch_size": 64},
@@ -102,6 +106,7 @@ def test_load_gives_the_learners_own_samples(trained, kind):
     pre = sample(learner.model, N, seed=SEED, progress=False).x
     assert (x - pre).abs().max() > 1e-4, "the fine-tuned sampler must differ from the pretrained one after an update"
     assert isinstance(loaded.model, rlft.models.base.ControlledChain) and loaded.task.learner["type"] == name
+    assert (loaded.init is None) == (learner.init_dist() is None)  # ELEGANT's learned initial law travels too
     # the ControlledChain is the same sampler (rlft.models.base.ControlledChain's contract)
     torch.testing.assert_close(sample(loaded.model, N, seed=SEED, progress=False).x, own, rtol=0, atol=1e-6)
 
