@@ -22,7 +22,9 @@ once with the task's seed; exact samples of it are the held-out set) or `{path: 
 last `holdout` rows are held out). Model samples (label 0) are the pretrained chain's, drawn once. `evaluate()`
 reports the energy distance of refined samples to held-out data with its floor, the same for the uncorrected
 model under `pretrained`, and, for mixture data, the discriminator-adjusted score error E_phi (BOOST Thm 4,
-`score_error`) against the uncorrected model's E_theta.
+`score_error`) against the uncorrected model's E_theta; its `objective` is minus the energy distance (no reward).
+The task format still requires a `reward:` section, which this learner ignores (e.g. `{type: linear, direction:
+[0, 0]}`); `alpha` is unused. Chains without `LevelCoefficients` (diffusers UNets) are not supported yet.
 """
 
 from __future__ import annotations
