@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import signal
@@ -52,6 +53,12 @@ def init_ray(address: str | None = None) -> None:
 
 #: the signals `stop_on_signals` turns into Tune's graceful stop
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: the logger of `tune.run`, whose interrupt warning ends with a `Tuner.restore(...)` hint
+TUNE_LOGGER = "ray.tune.tune"
+
+
+def _drop_tune_restore_hint(record: logging.LogRecord) -> bool:
+    return "Tuner.restore(" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -81,11 +88,14 @@ def stop_on_signals(received: list[int]) -> Iterator[list[int]]:
         yield received
         return
     previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
+    tune_log = logging.getLogger(TUNE_LOGGER)
+    tune_log.addFilter(_drop_tune_restore_hint)  # the driver prints rlft's own --resume command instead
     env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield received
     finally:
+        tune_log.removeFilter(_drop_tune_restore_hint)
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         if env is None:
