@@ -15,7 +15,7 @@ from torch import nn
 
 from rlft import metrics, registry
 from rlft.config import ConfigError, task_from_dict
-from rlft.guidance.discriminator import Levels, ce_loss, logit_and_gradient, logit_net, mse_loss
+from rlft.guidance.discriminator import Levels, ce_loss, logit_net, mse_loss
 from rlft.guidance.discriminator_guidance import (
     SCORE_ERROR, DiscriminatorGuidance, DiscriminatorGuidanceLearner, DiscriminatorGuidanceOptions,
 )
