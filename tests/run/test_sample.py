@@ -137,6 +137,25 @@ def test_loading_starts_no_ray(trained):
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+def test_an_rllib_checkpoint_of_an_earlier_rlft_loads_from_its_trial(trained, tmp_path):
+    """Before rlft recorded the task and module config in weights' JSON: both come from the trial's params.json."""
+    import shutil
+
+    name, learner, paths = trained
+    if name not in RLLIB:
+        pytest.skip("control learners always recorded their task")
+    ckpt = tmp_path / "trial_0001" / "checkpoint_000000"
+    shutil.copytree(paths["learner"], ckpt / LEARNER_DIR)
+    shutil.copy(paths["trial"] / "params.json", tmp_path / "trial_0001" / "params.json")
+    (ckpt / "rlft_state.json").write_text("{}")  # a version-0 trial state (no manifest)
+    state_file = ckpt / LEARNER_DIR / "rlft.json"
+    state = json.loads(state_file.read_text())
+    del state["task"], state["module_config"]
+    state_file.write_text(json.dumps(state))
+    x = rlft.load(ckpt / LEARNER_DIR).sample(N, seed=SEED)
+    torch.testing.assert_close(x, _own_samples(learner), rtol=0, atol=1e-6)
+
+
 def test_a_path_that_is_not_a_checkpoint_is_refused_with_exit_2(tmp_path, capsys):
     out = tmp_path / "samples.npy"
     (tmp_path / "empty").mkdir()
