@@ -60,7 +60,7 @@ from rlft.rewards.base import evaluate
 FORMAT = "rlft-adjoint-matching"
 FORMAT_VERSION = 1
 #: defaults (see AdjointMatchingOptions for what was measured)
-DEFAULT_LR, DEFAULT_DRIFT_ITERATIONS, DEFAULT_MAX_GRAD_NORM = 3e-3, 800, 0.0
+DEFAULT_LR, DEFAULT_DRIFT_ITERATIONS, DEFAULT_MAX_GRAD_NORM = 3e-3, 1600, 0.0
 #: rows (trajectories x steps) of one regression chunk for a network control: bounds the live activations of the
 #: loss independently of K (a chunk is consumed, back-propagated and freed before the sweep goes on)
 LOSS_ROWS = 16384
@@ -81,12 +81,13 @@ ADJOINT_NORM = "adjoint_norm"
 class AdjointMatchingOptions(DifferentiableOptions):
     """Adjoint Matching's options (the YAML `learner:` keys besides `type`); model-independent checks run here.
 
-    `lr` None = 3e-3, `drift_iterations` None = 800, `max_grad_norm` None = 0 (no clipping), `batch_size` 256.
-    Measured on the bench's GMM tasks at alpha = 1 (one run each, 2 shared cores, /tmp scripts of the issue-17
-    report): on the 2-D task lr 1e-3 stalls at gap closure 0.68 (400 updates, with or without clipping at the 0.99
-    quantile, energy distance 60-110x the floor); lr 3e-3 with 800 updates of 256 reaches 0.91 and 1.8x the floor
-    (8-D: 0.87, 4.4x, after 1.3x at update 400: the mode masses move with the rare heavy-tailed adjoints). Batch 512
-    at lr 3e-3 was worse at 200 updates (0.34) than 256 at 100 (0.68).
+    `lr` None = 3e-3, `drift_iterations` None = 1600, `max_grad_norm` None = 0 (no clipping), `batch_size` 256.
+    Measured on the bench's GMM tasks at alpha = 1 (one run each, 2 shared cores): on the 2-D task lr 1e-3 stalls at
+    gap closure 0.68 (400 updates, with or without clipping at the 0.99 quantile, energy distance 60-110x the floor);
+    lr 3e-3: 800 updates of 256 reach 0.91 / 1.8x the floor (8-D: 0.87 / 4.4x, after 1.3x at update 400: the mode
+    masses move with the rare heavy-tailed adjoints), 1600 reach 0.93 / 1.5x in 352 s (8-D: 0.91 / 3.4x, 357 s).
+    loss_weighting uniform at 800: 2-D 0.90 / 2.5x, 8-D 0.81 / 10x. Batch 512 at lr 3e-3 was worse at 200 updates
+    (0.34) than 256 at 100 (0.68).
     """
 
     batch_size: int = 256
