@@ -56,6 +56,7 @@ from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions
 from rlft.control.rollout import DifferentiableLearner
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import evaluate
+from rlft.sampling import rollout
 
 FORMAT = "rlft-adjoint-matching"
 FORMAT_VERSION = 1
@@ -172,8 +173,6 @@ def chain_memory(model: DiffusionModel, generator: torch.Generator, n: int = MEM
     """mu: the share of the pretrained chain's linearised variance of v.x_K that comes from x_0 (module docstring).
 
     n pretrained trajectories, one random direction v ~ N(0, I) each, the lean adjoint from a_K = v."""
-    from rlft.sampling import rollout
-
     var0 = model.prior_sample(MEMORY_PRIOR_SAMPLES, generator).flatten(1).var(0)  # (D,)
     path = rollout(model, model.prior_sample(n, generator), generator=generator, keep_path=True).path  # (n, K+1, *event)
     a = torch.randn(path[:, -1].shape, generator=generator, device=path.device, dtype=path.dtype)
