@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from rlft import registry
-from rlft.models.base import CoefficientChain, DiffusionModel
+from rlft.models.base import CoefficientChain, ControlledChain, DiffusionModel
 from rlft.models.gmm import ExactTarget, GaussianMixture, GMMModel, OptimalControl
 
-__all__ = ["DiffusionModel", "CoefficientChain", "GaussianMixture", "GMMModel", "ExactTarget", "OptimalControl", "build_model"]
+__all__ = ["DiffusionModel", "CoefficientChain", "ControlledChain", "GaussianMixture", "GMMModel", "ExactTarget", "OptimalControl", "build_model"]
 
 
 def build_model(cfg, num_steps: int) -> DiffusionModel:
