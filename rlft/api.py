@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.checkpoint import CheckpointError
 from rlft.config import TaskConfig, task_from_dict
 from rlft.learners import build_learner

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from rlft import registry
+import rlft.registry as registry
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 

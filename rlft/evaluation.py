@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlft import metrics
+import rlft.metrics as metrics
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward, evaluate
 from rlft.sampling import Control, InitialDistribution, sample

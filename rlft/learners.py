@@ -20,7 +20,7 @@ import dataclasses
 import inspect
 from typing import Any, ClassVar
 
-from rlft import registry
+import rlft.registry as registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlft import registry
+import rlft.registry as registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
 from rlft.learners import check_learner_spec
 from rlft.rewards.f_regularised import check_task_alpha

@@ -151,7 +151,7 @@ def f_target_figures(model, reward, alpha: float, divergence: str, x, seed: int)
     the exact draws resamples its own proposals."""
     import torch
 
-    from rlft import metrics
+    import rlft.metrics as metrics
     from rlft.divergences import get_divergence, solve_lambda
     from rlft.evaluation import FLOOR_DRAWS, _block
 
@@ -530,7 +530,7 @@ def print_tables(results: dict[str, Any], stream=None) -> None:
 
 
 def make_plots(results: dict[str, Any], out: str) -> dict[str, str]:
-    from rlft import plots
+    import rlft.plots as plots
 
     paths = {}
     panels = []

@@ -191,7 +191,7 @@ def bench_restart(quick: bool, seed: int) -> dict[str, Any]:
     """Quality (energy distance to the true data) against NFE on the wrong-score mixture."""
     import torch
 
-    from rlft import metrics
+    import rlft.metrics as metrics
     from rlft.guidance.restart import RestartSchedule
     from rlft.models import build_model
     from rlft.models.gmm import GaussianMixture

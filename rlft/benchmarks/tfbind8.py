@@ -141,7 +141,7 @@ def sample_figures(x, kl, reward, alpha: float, target, queries: int, seconds: f
     """The figures of one sampler's samples x (n, 8, 4) with path KLs kl (n,) (keys: module docstring)."""
     import torch
 
-    from rlft import metrics
+    import rlft.metrics as metrics
     from rlft.tasks import tfbind8 as tb
 
     with torch.no_grad():
@@ -169,7 +169,7 @@ def exact_targets(reward, alpha: float, n: int, pretrained_x=None, divergence: s
     import numpy as np
     import torch
 
-    from rlft import metrics
+    import rlft.metrics as metrics
     from rlft.tasks import tfbind8 as tb
 
     with torch.no_grad():

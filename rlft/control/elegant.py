@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.config import ConfigError
 from rlft.control.initial import InitialControl
 from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.config import ConfigError, TaskConfig, from_dict
 from rlft.control.networks import NetworkControl, build_control_net
 from rlft.control.options import DRIFT_UPDATES, GRAD_NORM, GRAD_NORM_MAX, LR, DifferentiableOptions

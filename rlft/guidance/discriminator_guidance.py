@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Literal, Union
 import numpy as np
 import torch
 
-from rlft import checkpoint, metrics
+import rlft.checkpoint as checkpoint
+import rlft.metrics as metrics
 from rlft.config import ConfigError
 from rlft.control.options import DifferentiableOptions
 from rlft.control.rollout import DifferentiableLearner

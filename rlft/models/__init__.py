@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlft import registry
+import rlft.registry as registry
 from rlft.models.base import CoefficientChain, ControlledChain, DiffusionModel
 from rlft.models.gmm import ExactTarget, GaussianMixture, GMMModel, OptimalControl
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 
 #: LoRA targets tried by default (those present in the UNet are used): attention projections and resnet convs.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")

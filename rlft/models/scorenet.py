@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.models.base import CoefficientChain
 from rlft.schedule import LevelCoefficients, VPSchedule
 

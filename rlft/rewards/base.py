@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlft import registry
+import rlft.registry as registry
 from rlft.config import ConfigError, check_kwargs
 
 

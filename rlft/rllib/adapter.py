@@ -32,7 +32,7 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.config import ConfigError, ModelConfig, TaskConfig, model_config_to_dict
 from rlft.learners import Learner
 from rlft.models.base import DiffusionModel

@@ -377,7 +377,7 @@ class FPGLearnerAdapter(RLlibLearner):
 
     def evaluate(self, num_samples: int = 2000, seed: int | None = None, progress: bool = False) -> dict[str, Any]:
         out = super().evaluate(num_samples=num_samples, seed=seed, progress=progress)
-        from rlft import metrics
+        import rlft.metrics as metrics
 
         seed = self.task.seed + 1 if seed is None else seed
         if self.restart:

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from rlft import jobs
+import rlft.jobs as jobs
 from rlft.jobs import JobsError
 from rlft.run_config import parse_assignments
 

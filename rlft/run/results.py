@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlft import plots
+import rlft.plots as plots
 from rlft.run.keys import (
     CHECKPOINT_PATH, CONFIG, DIVERSITY, ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, ERROR, ERRORED, EXPERIMENT_PATH,
     GAP_CLOSURE, GRID, HISTORY_FILE, HISTORY_PATH, ITERATION, KL, NAME, NUM_ERRORS, NUM_TRIALS, OBJECTIVE,

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.checkpoint import CheckpointError
 from rlft.config import TaskConfig
 from rlft.learners import Learner, build_learner

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.rewards.base import Reward
 
 #: Image shape of one digit.

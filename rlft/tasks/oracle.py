@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft import checkpoint
+import rlft.checkpoint as checkpoint
 from rlft.rewards.base import Reward, build_reward
 
 FORMAT = "rlft-mlp-oracle"
