@@ -397,6 +397,19 @@ def test_import_graph_has_no_cycle():
         pytest.fail(f"{len(found)} import cycle(s):\n" + "\n".join(blocks))
 
 
+def test_no_module_imports_from_the_package_face():
+    """`from rlft import x` ties a module to rlft/__init__.py, which re-exports the core and lazily loads rlft.api
+    (the runners): a cycle through the package face that the graph above, which maps the import to rlft.x, does not
+    see. Inside the package, write `import rlft.x as x` or `from rlft.x import name`."""
+    found = []  # (envs/example_custom.py imports `envs.register` as a user's module would: envs' face is its API)
+    for package in ("rlft",):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == package:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import ...")
+    assert not found, "imports from the package face:\n" + "\n".join(found)
+
+
 #: The only files of the core that may touch diffusers / peft (DESIGN.md), and the packages that form the core.
 DIFFUSERS_FILES = ("rlft/models/diffusers_chain.py", "rlft/models/lora.py")
 CORE_PACKAGES = ("rlft.models", "rlft.rewards", "rlft.divergences", "rlft.sampling", "rlft.metrics", "rlft.schedule")
