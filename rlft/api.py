@@ -33,9 +33,9 @@ from rlft.config import TaskConfig, task_from_dict
 from rlft.learners import build_learner
 from rlft.models import build_model
 from rlft.models.base import ControlledChain, DiffusionModel
-from rlft.models.nets import linear_time_features, mlp
 from rlft.rewards import build_reward
-from rlft.rllib.keys import EVENT_DIM, HIDDEN, LORA, MEAN_SCALE, NUM_FREQS, NUM_LAYERS, NUM_STEPS, STDS
+from rlft.rllib.drift_mean import DriftControl
+from rlft.rllib.keys import EVENT_DIM, HIDDEN, LORA, MEAN_SCALE, NUM_LAYERS, NUM_STEPS, STDS
 from rlft.run.keys import EXPERIMENT_FILE, LEARNER_DIR, STATE_FILE, TASK_KEY
 from rlft.run.trial import read_checkpoint_state
 from rlft.run_config import apply_overrides
@@ -191,33 +191,6 @@ def _task(state: dict[str, Any], sources: list[Path], learner_dir: Path) -> Task
 # -- RLlib drift policies, without Ray ------------------------------------------------------------------------
 
 
-class DriftControl(torch.nn.Module):
-    """delta_k(x) = c_k * net([x, time features of k/K, cond]), the mean of `rlft.rllib.modules.DriftPolicyModule`.
-
-    Notation: K `num_steps`, D event dim, C cond dim, s_k `stds`; c_k = s_k ("std"), s_k^2 ("variance") or 1 ("one").
-    """
-
-    def __init__(self, config: dict[str, Any], event_dim: int, cond_dim: int) -> None:
-        super().__init__()
-        self.num_steps = int(config[NUM_STEPS])
-        stds = torch.as_tensor(config[STDS], dtype=torch.float32)  # (K,)
-        self.mean_scales = {"std": stds, "variance": stds**2, "one": torch.ones_like(stds)}[config.get(MEAN_SCALE, "std")]
-        freqs = int(config.get(NUM_FREQS, 4))
-        steps = torch.arange(self.num_steps + 1, dtype=torch.float32)[:, None] / self.num_steps  # (K+1, 1)
-        self.time_table = linear_time_features(steps, freqs)  # (K+1, 1 + 2F)
-        inp = event_dim + 1 + 2 * freqs + cond_dim
-        self.mean_net = mlp(inp, int(config.get(HIDDEN, 64)), int(config.get(NUM_LAYERS, 2)), event_dim, zero_last=True)
-
-    def forward(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        B = x.shape[0]
-        parts = [x.reshape(B, -1).float(), self.time_table[k].expand(B, -1)]
-        if cond is not None:
-            parts.append(cond.reshape(B, -1).float())
-        with torch.no_grad():
-            delta = self.mean_scales[k] * self.mean_net(torch.cat(parts, dim=-1))  # (B, D)
-        return delta.reshape(x.shape).to(device=x.device, dtype=x.dtype)
-
-
 def _rllib_control(learner_dir: Path, state: dict[str, Any], task: TaskConfig, model: DiffusionModel) -> DriftControl:
     config = state.get("module_config")
     if config is None:  # written before rlft recorded it: the options' defaults, as the learners build it
@@ -243,18 +216,8 @@ def _rllib_control(learner_dir: Path, state: dict[str, Any], task: TaskConfig, m
 
 
 def _module_weights(tensors: dict[str, torch.Tensor], meta: Any) -> dict[str, Any]:
-    """The policy module's parameters from the flattened learner state (`rlft.rllib.adapter._flatten`'s layout)."""
-
-    def unflatten(node: Any) -> Any:
-        if isinstance(node, dict) and "__dict__" in node:
-            return {json.loads(k): unflatten(v) for k, v in node["__dict__"]}
-        if isinstance(node, dict) and "__list__" in node:
-            return [unflatten(v) for v in node["__list__"]]
-        if isinstance(node, dict) and "__tensor__" in node:
-            return tensors[node["__tensor__"]]
-        return node
-
-    learner_state = unflatten(meta)
+    """The policy module's parameters from the learner state (`rlft.checkpoint.flatten_state`'s layout)."""
+    learner_state = checkpoint.unflatten_state(tensors, meta)
     try:
         return learner_state[RL_MODULE][POLICY_ID]
     except (KeyError, TypeError):

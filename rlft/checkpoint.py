@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -157,6 +158,44 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, prefix: str, group
         state.setdefault(int(idx), {})[key] = value if key == "step" else value.to(device)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- nested state (RLlib learner states) ------------------------------------------------------------------
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
+    """Splits a nested state (dicts, lists, arrays, tensors, scalars) into arrays keyed by their path and a JSON
+    skeleton that references them, so it can be saved as safetensors + JSON (`unflatten_state` inverts it)."""
+    tensors: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, dict):
+            return {"__dict__": [[json.dumps(k), walk(v, f"{path}/{k}")] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            return {"__list__": [walk(v, f"{path}/{i}") for i, v in enumerate(node)]}
+        if isinstance(node, torch.Tensor):
+            node = node.detach().cpu().numpy()
+        if isinstance(node, np.ndarray):
+            tensors[path] = np.ascontiguousarray(node)
+            return {"__tensor__": path}
+        if isinstance(node, (np.floating, np.integer, np.bool_)):
+            return node.item()
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot store {type(node).__name__} at {path} as data (safetensors/JSON)")
+
+    return tensors, walk(state, prefix)
+
+
+def unflatten_state(tensors: dict[str, Any], meta: Any) -> Any:
+    """The nested state `flatten_state` split into `tensors` (arrays or tensors, by path) and `meta`."""
+    if isinstance(meta, dict) and "__dict__" in meta:
+        return {json.loads(k): unflatten_state(tensors, v) for k, v in meta["__dict__"]}
+    if isinstance(meta, dict) and "__list__" in meta:
+        return [unflatten_state(tensors, v) for v in meta["__list__"]]
+    if isinstance(meta, dict) and "__tensor__" in meta:
+        return tensors[meta["__tensor__"]]
+    return meta
 
 
 # -- whole directories -------------------------------------------------------------------------------------

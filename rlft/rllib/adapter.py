@@ -19,7 +19,6 @@ restores (2) with `Algorithm.restore_from_path` instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -234,7 +233,7 @@ class RLlibLearner(Learner):
     def save_checkpoint(self, directory: str) -> None:
         state = self.algo.learner_group.get_state(components=COMPONENT_LEARNER)[COMPONENT_LEARNER]
         state.pop(METRICS_LOGGER, None)  # running metric windows: not needed to resume
-        arrays, meta = _flatten(state)
+        arrays, meta = checkpoint.flatten_state(state)
         checkpoint.save_tensors(os.path.join(directory, WEIGHTS_FILE), {k: torch.from_numpy(v) for k, v in arrays.items()})
         checkpoint.write_state(directory, FORMAT, VERSION, {
             "learner": type(self).__name__, "iteration": self.iteration, "reward_queries": self.reward_queries,
@@ -255,7 +254,7 @@ class RLlibLearner(Learner):
             self.algo.restore_from_path(os.path.join(directory, RLLIB_DIR))
         else:
             tensors = checkpoint.load_tensors(os.path.join(directory, WEIGHTS_FILE))
-            state = _unflatten({k: v.numpy() for k, v in tensors.items()}, info["learner_state"])
+            state = checkpoint.unflatten_state({k: v.numpy() for k, v in tensors.items()}, info["learner_state"])
             # RLlib only accepts weights newer than its own (weights_seq_no): mark the loaded ones newest, so
             # that the Learner takes them and the sync below reaches every EnvRunner
             current = self.algo.learner_group.get_state(components=COMPONENT_LEARNER)[COMPONENT_LEARNER]
@@ -270,36 +269,3 @@ class RLlibLearner(Learner):
             return int(self.algo.metrics.peek(("env_runners", "num_env_steps_sampled_lifetime"), default=0))
         except Exception:  # metrics layout differs across RLlib versions: the counter is informative only
             return 0
-
-
-def _flatten(state: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
-    """Splits a nested state into arrays (keyed by path) and a JSON skeleton referencing them."""
-    tensors: dict[str, np.ndarray] = {}
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, dict):
-            return {"__dict__": [[json.dumps(k), walk(v, f"{path}/{k}")] for k, v in node.items()]}
-        if isinstance(node, (list, tuple)):
-            return {"__list__": [walk(v, f"{path}/{i}") for i, v in enumerate(node)]}
-        if isinstance(node, torch.Tensor):
-            node = node.detach().cpu().numpy()
-        if isinstance(node, np.ndarray):
-            tensors[path] = np.ascontiguousarray(node)
-            return {"__tensor__": path}
-        if isinstance(node, (np.floating, np.integer, np.bool_)):
-            return node.item()
-        if node is None or isinstance(node, (bool, int, float, str)):
-            return node
-        raise TypeError(f"cannot store {type(node).__name__} at {path} as data (safetensors/JSON)")
-
-    return tensors, walk(state, prefix)
-
-
-def _unflatten(tensors: dict[str, np.ndarray], meta: Any) -> Any:
-    if isinstance(meta, dict) and "__dict__" in meta:
-        return {json.loads(k): _unflatten(tensors, v) for k, v in meta["__dict__"]}
-    if isinstance(meta, dict) and "__list__" in meta:
-        return [_unflatten(tensors, v) for v in meta["__list__"]]
-    if isinstance(meta, dict) and "__tensor__" in meta:
-        return tensors[meta["__tensor__"]]
-    return meta

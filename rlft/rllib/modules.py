@@ -33,6 +33,7 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
 from rlft.models.base import DiffusionModel
 from rlft.models.nets import linear_time_features, mlp
+from rlft.rllib.drift_mean import DEFAULT_HIDDEN, DEFAULT_NUM_FREQS, DEFAULT_NUM_LAYERS, drift_mean_parts
 from rlft.rllib.keys import (
     EVENT_DIM, HIDDEN, INIT_DENOISE_PROB, LOGITS, LORA, MEAN_SCALE, MODEL, NUM_FREQS, NUM_LAYERS, NUM_STEPS, STDS,
 )
@@ -79,16 +80,13 @@ class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.cond_dim = self.obs_dim - self.event_dim - 1  # C
         if self.cond_dim < 0:
             raise ValueError(f"observation size {self.obs_dim} < event_dim + 1 = {self.event_dim + 1}: not a drift-env observation")
-        stds = torch.as_tensor(cfg[STDS], dtype=torch.float32)  # (K,)
-        scale = {"std": stds, "variance": stds**2, "one": torch.ones_like(stds)}[cfg.get(MEAN_SCALE, "std")]
-        self.register_buffer("log_stds", torch.log(stds), persistent=False)
-        self.register_buffer("mean_scales", scale, persistent=False)
-        self.num_freqs = int(cfg.get(NUM_FREQS, 4))
-        steps = torch.arange(self.num_steps + 1, dtype=torch.float32)[:, None] / self.num_steps  # (K+1, 1)
-        self.register_buffer("time_table", linear_time_features(steps, self.num_freqs), persistent=False)  # (K+1, 1 + 2F)
+        scales, time_table, self.mean_net = drift_mean_parts(cfg, self.event_dim, self.cond_dim)  # rlft.load builds the same
+        self.register_buffer("log_stds", torch.log(torch.as_tensor(cfg[STDS], dtype=torch.float32)), persistent=False)
+        self.register_buffer("mean_scales", scales, persistent=False)
+        self.num_freqs = int(cfg.get(NUM_FREQS, DEFAULT_NUM_FREQS))
+        self.register_buffer("time_table", time_table, persistent=False)  # (K+1, 1 + 2F)
         inp = self.event_dim + 1 + 2 * self.num_freqs + self.cond_dim
-        hidden, layers = int(cfg.get(HIDDEN, 64)), int(cfg.get(NUM_LAYERS, 2))
-        self.mean_net = mlp(inp, hidden, layers, self.event_dim, zero_last=True)
+        hidden, layers = int(cfg.get(HIDDEN, DEFAULT_HIDDEN)), int(cfg.get(NUM_LAYERS, DEFAULT_NUM_LAYERS))
         if not self.inference_only:
             self.value_net = mlp(inp, hidden, layers, 1)
 

@@ -14,7 +14,8 @@ from rlft.config import DEFAULT_TASK, task_from_dict
 from rlft.learners import build_learner
 from rlft.models import build_model
 from rlft.rewards import build_reward
-from rlft.rllib.adapter import WEIGHTS_FILE, _flatten, _unflatten
+from rlft.checkpoint import flatten_state as _flatten, unflatten_state as _unflatten
+from rlft.rllib.adapter import WEIGHTS_FILE
 from rlft.rllib.connectors import KLPenaltyConnector
 from rlft.rllib.modules import DriftPolicyModule, drift_model_config, drift_spaces
 
