@@ -10,7 +10,9 @@ The ratio comes from a discriminator trained by logistic loss on agent states (l
 (label 0): D = sigmoid(logit) -> D / (1 - D) = p_pi / p_* at the optimum, so ratio = exp(logit) ("logit form",
 clipped to |logit| <= logit_clip). Expert states: target samples diffused by the model's forward kernel to the
 level of each agent state (drift env: level k of x_k; restart env: the current noise level), so the
-discriminator compares p_pi(x | level) with p_*(x | level) at the levels the agent visits.
+discriminator compares p_pi(x | level) with p_*(x | level) at the levels the agent visits. The target samples
+(`rlft.rllib.expert`, `learner.expert`): the exact tilted target where the task has one, otherwise ("snis", any
+reward) pretrained samples resampled with weights exp(r/alpha), refused when their effective sample size is too small.
 
 Names: f-PG's f is `fpg_divergence`, the distance of the policy to the TARGET p_* (known by samples). It is not
 rlft's `divergence` (ELEGANT, the f_regularised reward), which is the regulariser D_f(p || p_pre) to the PRETRAINED
@@ -27,7 +29,7 @@ EnvRunners. Restart-specific reward shaping lives in `rlft.rllib.restart`.
 
 from __future__ import annotations
 
-import math
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +54,10 @@ from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward
 from rlft.rllib.adapter import EnvSpec, PPOOptions, RLlibLearner
 from rlft.rllib.connectors import FPGRewardConnector, FPGRewardSpec, level_of
+from rlft.rllib.expert import (  # noqa: F401  (ExpertStates, level_kernels, expert_samples: f-PG's public names)
+    EXPERT_ESS, EXPERT_TYPES, SNIS_MIN_ESS, SNIS_PRETRAINED_SAMPLES, ExpertStates, build_expert, expert_samples,
+    level_kernels,
+)
 from rlft.rllib.keys import (
     ALPHA, CENTER, DISC_ACCURACY, DISC_BATCH_SIZE, DISC_LOSS, DISCRIMINATOR, EVENT_DIM, EXPERT_DATA,
     EXPERT_ENERGY_DISTANCE, FPG_COEFF, FPG_DIVERGENCE, HIDDEN, INIT_DENOISE_PROB, KERNEL_SCALES, KERNEL_STDS, LOGIT_CLIP,
@@ -65,6 +71,9 @@ from rlft.rllib.ppo_kl import PPOKLLearner
 from rlft.rllib.restart import SHAPINGS
 from rlft.sampling import Control
 
+log = logging.getLogger(__name__)
+
+
 
 @dataclass(frozen=True)
 class FPGOptions(PPOOptions):
@@ -74,10 +83,16 @@ class FPGOptions(PPOOptions):
     """Adam learning rate of the policy and value networks."""
     fpg_divergence: str = "kl"
     """f of D_f(p_pi || p_*), the distance to the target (`rlft.divergences.get_divergence`: kl, js, chi2, gamma:0.5, ...)."""
-    expert: dict[str, Any] | None = None
-    """Where the target samples come from (`expert_samples`): {type: target} (default), {type: gmm, ...}, {type: file, path}."""
+    expert: str | dict[str, Any] | None = None
+    """Where the target samples come from (`expert_samples`): "exact" (the exact tilted target: Gaussian-mixture models
+    with a linear/quadratic reward), "snis" (pretrained samples resampled with weights exp(r/alpha): any reward),
+    {type: gmm, weights, means, stds} or {type: file, path}; default "exact" where the task has one, else "snis"."""
     num_expert_samples: int = 20000
     """Size of the expert set."""
+    expert_samples: int = SNIS_PRETRAINED_SAMPLES
+    """"snis": pretrained samples drawn and weighted by exp(r/alpha) (the effective sample size grows with it)."""
+    min_expert_ess: float = SNIS_MIN_ESS
+    """"snis": the smallest effective sample size accepted as a target (fewer: a ConfigError with the fix)."""
     fpg_coeff: float = 1.0
     """Reward scale: r = fpg_coeff * -f'(exp(clip(logit)))."""
     logit_clip: float = 5.0
@@ -116,9 +131,15 @@ class FPGOptions(PPOOptions):
         for name in ("fpg_coeff", "logit_clip", "disc_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"learner.{name} must be > 0 (got {getattr(self, name)}); use e.g. {name}: {getattr(FPGOptions, name)}")
-        for name in ("num_expert_samples", "disc_batch_size", "disc_hidden", "disc_num_layers"):
+        for name in ("num_expert_samples", "expert_samples", "disc_batch_size", "disc_hidden", "disc_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"learner.{name} must be >= 1 (got {getattr(self, name)}); use e.g. {name}: {getattr(FPGOptions, name)}")
+        if not self.min_expert_ess >= 1:
+            raise ConfigError(f"learner.min_expert_ess must be >= 1 (got {self.min_expert_ess}); use e.g. min_expert_ess: 200")
+        kind = self.expert if self.expert is None or isinstance(self.expert, str) else self.expert.get("type")
+        if kind is not None and kind not in EXPERT_TYPES:
+            raise ConfigError(f"learner.expert must be one of {list(EXPERT_TYPES)} or a mapping with such a type "
+                              f"(got {kind!r}); leave it out for exact where the task has an exact target, else snis")
         if self.num_disc_updates < 0:
             raise ConfigError(f"learner.num_disc_updates must be >= 0 (got {self.num_disc_updates}); use e.g. 50")
         if self.nfe_cost < 0:
@@ -127,36 +148,6 @@ class FPGOptions(PPOOptions):
             raise ConfigError(f"learner.init_denoise_prob must be in (0, 1) (got {self.init_denoise_prob}); use e.g. 0.5")
         if self.shaping is not None and self.shaping not in SHAPINGS:
             raise ConfigError(f"learner.shaping must be one of {list(SHAPINGS)} (got {self.shaping!r})")
-
-
-# -- the discriminator's expert states -------------------------------------------------------------------------
-
-
-class ExpertStates:
-    """Target samples diffused to any level: x_l = scale_l x_data + std_l eps (forward kernel from level K)."""
-
-    def __init__(self, data: torch.Tensor, scales: list[float], stds: list[float]) -> None:
-        self.data = data.float()  # (N, D)
-        self.scales = torch.as_tensor(scales, dtype=torch.float32)  # (K+1,)
-        self.stds = torch.as_tensor(stds, dtype=torch.float32)  # (K+1,)
-
-    def sample(self, levels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, D) expert states at the given levels (n,)."""
-        idx = torch.randint(0, self.data.shape[0], (levels.shape[0],), generator=generator)
-        noise = torch.randn((levels.shape[0], self.data.shape[1]), generator=generator)
-        return self.scales[levels, None] * self.data[idx] + self.stds[levels, None] * noise
-
-
-def level_kernels(model: DiffusionModel) -> tuple[list[float], list[float]]:
-    """(scale_l, std_l) of the forward kernel from level K (data end) up to every level l = 0..K."""
-    K = model.num_steps
-    scales, stds = [1.0] * (K + 1), [0.0] * (K + 1)
-    scale, var = 1.0, 0.0
-    for level in range(K - 1, -1, -1):  # compose the adjacent kernels level+1 -> level
-        s, sd = model.noise_kernel(level)
-        scale, var = s * scale, s * s * var + sd * sd
-        scales[level], stds[level] = scale, math.sqrt(var)
-    return scales, stds
 
 
 # -- the RLlib learner and algorithm ----------------------------------------------------------------------------
@@ -255,43 +246,11 @@ class FPG(PPO):
             )
 
 
-# -- expert samples -------------------------------------------------------------------------------------------
-
-
-def expert_samples(spec: dict[str, Any], task: TaskConfig, model: DiffusionModel, reward: Reward, n: int, seed: int) -> torch.Tensor:
-    """Samples of the target f-PG matches, (n, D) float32: the only access f-PG has to the target.
-
-    spec: {type: target} (the task's exact tilted target, Gaussian-mixture models with linear/quadratic rewards),
-    {type: gmm, weights, means, stds} (an explicit mixture, e.g. the true data of a model with a wrong score), or
-    {type: file, path: X.npy} (an (N, D) array).
-    """
-    from rlft.models.gmm import GaussianMixture
-
-    kind = spec.get("type")
-    g = torch.Generator().manual_seed(seed)
-    if kind == "target":
-        if not hasattr(model, "exact_target") or getattr(reward, "exact_form", None) is None:
-            raise ConfigError("learner.expert {type: target} needs a Gaussian-mixture model and a linear/quadratic reward; "
-                              "give {type: file, path: samples.npy} or {type: gmm, ...} instead")
-        x = model.exact_target(reward, task.alpha).mixture.sample(n, g)
-    elif kind == "gmm":
-        x = GaussianMixture.create(spec["weights"], spec["means"], spec["stds"]).sample(n, g)
-    elif kind == "file":
-        data = torch.as_tensor(np.load(spec["path"]), dtype=torch.float32).reshape(-1, model.event_dim)
-        x = data[torch.randint(0, data.shape[0], (n,), generator=g)] if data.shape[0] > n else data
-    else:
-        raise ConfigError(f"learner.expert.type must be one of ['target', 'gmm', 'file'] (got {kind!r})")
-    if x.reshape(x.shape[0], -1).shape[1] != model.event_dim:
-        raise ConfigError(f"learner.expert samples have {x.reshape(x.shape[0], -1).shape[1]} numbers each; the model's "
-                          f"samples have {model.event_dim}")
-    return x.reshape(x.shape[0], -1).float()
-
-
 # -- the Learner-protocol adapter -------------------------------------------------------------------------------
 
 
 class FPGLearnerAdapter(RLlibLearner):
-    """f-PG as ``learner: {type: fpg, env: drift | restart | ID, fpg_divergence: kl, expert: {type: target}, ...}``.
+    """f-PG as ``learner: {type: fpg, env: drift | restart | ID, fpg_divergence: kl, expert: exact | snis, ...}``.
 
     Drift envs: the drift policy (`DriftPolicyModule`) learns delta so the chain's states match the expert's at every
     level; `control()` gives the fine-tuned sampler. Restart envs: f-Restart (BOOST Alg. 7) with the reward shaping
@@ -314,7 +273,9 @@ class FPGLearnerAdapter(RLlibLearner):
         if o.kl_penalty and self.restart:
             raise ConfigError("learner.kl_penalty needs a drift env (the KL to the pretrained model is over displacements); "
                               "set kl_penalty: false on a restart env")
-        self.expert_x = expert_samples(o.expert or {"type": "target"}, task, model, reward, o.num_expert_samples, task.seed + 7)
+        self.expert_x, self.expert_figures = build_expert(o, task, model, reward, task.seed + 7)
+        if self.expert_figures:
+            log.info("f-PG snis expert: ESS %.1f of %d pretrained samples", self.expert_figures[EXPERT_ESS], o.expert_samples)
         scales, stds = level_kernels(model)
         shaping = o.shaping or ("terminal" if self.restart else "none")
         self.settings = {
@@ -391,4 +352,5 @@ class FPGLearnerAdapter(RLlibLearner):
 
             x = sample(self.model, num_samples, control=self.control(), seed=seed, progress=progress).x
         out[EXPERT_ENERGY_DISTANCE] = metrics.energy_distance(x.double(), self.expert_x[:num_samples].double())
+        out.update(self.expert_figures)
         return out
