@@ -45,7 +45,6 @@ Options: `AdjointMatchingOptions`; machinery (windows, seeds, schedule, clipping
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +64,8 @@ DEFAULT_LR, DEFAULT_DRIFT_ITERATIONS, DEFAULT_MAX_GRAD_NORM = 3e-3, 1600, 0.0
 #: rows (trajectories x steps) of one regression chunk for a network control: bounds the live activations of the
 #: loss independently of K (a chunk is consumed, back-propagated and freed before the sweep goes on)
 LOSS_ROWS = 16384
+#: the largest memory mu a chain may have without a learned initial law (AdjointMatchingOptions.max_memory)
+MATCHING_MAX_MEMORY = 0.01
 #: trajectories and prior samples of the memorylessness check
 MEMORY_PROBES, MEMORY_PRIOR_SAMPLES = 16, 4096
 
@@ -103,7 +104,7 @@ class AdjointMatchingOptions(DifferentiableOptions):
     loss_clip_quantile: float | None = None
     """Clip each (trajectory, step) regression term at a running estimate of this quantile of that step's terms
     (e.g. 0.99; clipped terms give no gradient); None = no clipping."""
-    max_memory: float = 0.01
+    max_memory: float = MATCHING_MAX_MEMORY
     """Refuse chains whose memory mu (share of x_K's linearised variance due to x_0, module docstring) exceeds this;
     1 turns the check off."""
 
@@ -115,6 +116,11 @@ class AdjointMatchingOptions(DifferentiableOptions):
             raise ConfigError(f"learner.loss_clip_quantile must be in (0, 1) (got {self.loss_clip_quantile}); e.g. 0.99, or null for none")
         if not 0.0 <= self.max_memory <= 1.0:
             raise ConfigError(f"learner.max_memory must be in [0, 1] (got {self.max_memory}); e.g. 0.01, or 1 to skip the check")
+
+
+#: the regression options a host without them (ELEGANT) runs with
+MATCHING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdjointMatchingOptions)
+                     if f.name in ("step_subset", "loss_weighting", "loss_clip_quantile")}
 
 
 # -- the math (pure torch) -------------------------------------------------------------------------------------
@@ -184,50 +190,27 @@ def chain_memory(model: DiffusionModel, generator: torch.Generator, n: int = MEM
     return float(prior.sum() / (prior.sum() + noise.sum()))
 
 
-# -- the learner ---------------------------------------------------------------------------------------------
+# -- the drift solver (shared by this learner and ELEGANT's drift_solver: adjoint_matching) ---------------------
 
 
-class AdjointMatchingLearner(DifferentiableLearner):
-    """Adjoint Matching on one task (see the module docstring for the algorithm and the options)."""
+class AdjointMatchingDrift:
+    """Steps 1-3 of the module docstring as a mixin on `DifferentiableLearner`: `matching_objective()` is one update.
 
-    Options: ClassVar[type] = AdjointMatchingOptions
-    name: ClassVar[str] = "adjoint_matching"
-    checkpoint_format: ClassVar[str] = FORMAT
-    checkpoint_version: ClassVar[int] = FORMAT_VERSION
+    The host supplies the reward and alpha (`matching_reward`, ELEGANT's f-divergence route trains on r_f at
+    alpha = 1) and x_0 (`initial_states`: ELEGANT's learned initial law, else the prior). The options
+    `step_subset`, `loss_weighting` and `loss_clip_quantile` are read from the host's options where it has them
+    (AdjointMatchingOptions), else take AdjointMatchingOptions' defaults."""
 
-    def resolve_defaults(self, o: AdjointMatchingOptions) -> AdjointMatchingOptions:
-        return dataclasses.replace(
-            o, lr=DEFAULT_LR if o.lr is None else o.lr,
-            max_grad_norm=DEFAULT_MAX_GRAD_NORM if o.max_grad_norm is None else o.max_grad_norm,
-            drift_iterations=DEFAULT_DRIFT_ITERATIONS if o.drift_iterations is None else o.drift_iterations,
-        )
+    def matching_reward(self) -> tuple[Any, float]:
+        """(reward, alpha) of the regression: a_K = grad r / alpha."""
+        return self.reward, float(self.task.alpha)
 
-    def check_model(self) -> None:
-        super().check_model()
-        if not self.task.alpha > 0:
-            raise ConfigError(f"alpha must be > 0 for learner {self.name!r} (got {self.task.alpha}): a_K = grad r / alpha")
-        if not getattr(self.reward, "differentiable", True):
-            raise ConfigError(
-                f"reward {getattr(self.reward, 'name', '?')!r} is not differentiable; learner {self.name!r} needs grad r "
-                "(the lean adjoint starts at grad r / alpha): use learner type ppo_kl instead")
-        if self.options.max_memory < 1.0:
-            gen = torch.Generator(device=self.model.device).manual_seed(int(self.task.seed) + 1)
-            self.memory = chain_memory(self.model, gen)
-            if self.memory > self.options.max_memory:
-                raise ConfigError(
-                    f"learner {self.name!r}: the pretrained chain is not memoryless: x_0 explains {self.memory:.3g} of x_K's "
-                    f"linearised variance (learner.max_memory = {self.options.max_memory}), so the regression's fixed point "
-                    "is not exp(r/alpha) p_pre (e.g. DDIM with eta < 1, or a schedule with a(T)^2 not near 0); use a DDPM "
-                    "chain (eta = 1) with a long enough schedule, learner type elegant (it learns the initial law), or "
-                    "raise learner.max_memory to accept the bias")
+    def _matching_option(self, name: str) -> Any:
+        return getattr(self.options, name, MATCHING_DEFAULTS[name])
 
     def build_networks(self) -> None:
         super().build_networks()
         self.clip_thresholds: dict[int, float] = {}  # step -> running quantile of its regression terms
-
-    def compute_derived(self) -> dict[str, Any]:
-        return {**super().compute_derived(), "loss_chunk_steps": self.chunk_steps(),
-                "memory": getattr(self, "memory", None)}
 
     def chunk_steps(self) -> int:
         """Steps per regression chunk: LOSS_ROWS rows for a network control, one step otherwise (a LoRA UNet)."""
@@ -240,21 +223,21 @@ class AdjointMatchingLearner(DifferentiableLearner):
         plus each other step with probability 1/3 (a quarter of all steps), weighted 3; times s_k^2 / c_k^2 with
         loss_weighting uniform."""
         K = self.model.num_steps
-        if not self.options.step_subset or K < 4:
+        if not self._matching_option("step_subset") or K < 4:
             weights = {k: 1.0 for k in range(K)}
         else:
             last = K - K // 4
             p = (K // 4) / last
             draws = torch.rand(last, generator=self._rng).tolist()
             weights = {**{k: 1.0 / p for k in range(last) if draws[k] < p}, **{k: 1.0 for k in range(last, K)}}
-        if self.options.loss_weighting == "uniform":
+        if self._matching_option("loss_weighting") == "uniform":
             weights = {k: w * self.model.std(k) ** 2 / score_coefficient(self.model, k) ** 2 for k, w in weights.items()}
         return weights
 
     def _clip_thresholds(self, steps: list[int], terms: torch.Tensor) -> torch.Tensor:
         """The running per-step quantiles (an exponential average, weight CLIP_EMA, of each batch's quantile) after
         this batch: steps (n,), terms (B, n) -> (1, n)."""
-        q = torch.quantile(terms, self.options.loss_clip_quantile, dim=0).tolist()  # (n,)
+        q = torch.quantile(terms, self._matching_option("loss_clip_quantile"), dim=0).tolist()  # (n,)
         for k, v in zip(steps, q):
             old = self.clip_thresholds.get(k)
             self.clip_thresholds[k] = v if old is None else (1.0 - CLIP_EMA) * old + CLIP_EMA * v
@@ -279,21 +262,23 @@ class AdjointMatchingLearner(DifferentiableLearner):
             return torch.cat(runs, dim=1)
         return torch.stack([control(k, states[:, j]) for j, k in enumerate(steps)], dim=1)
 
-    def objective(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def matching_objective(self) -> tuple[torch.Tensor, dict[str, float]]:
         """Steps 1-3 of the module docstring; the regression's gradient is accumulated chunk by chunk in the sweep.
 
         Returns the linear surrogate -<theta, grad L> (its gradient is -grad L, so the base's `optimizer_step`, which
         ascends the objective, takes the Adam step down L with its norm check and clipping) and the metrics."""
         o, model = self.options, self.model
+        reward, alpha = self.matching_reward()
+        clip = self._matching_option("loss_clip_quantile")
         B, K = o.batch_size, model.num_steps
         gen = self.device_generator()
         x0 = self.initial_states(B, gen)
         seeds = self.window_seeds(len(self.windows()))
         with torch.no_grad():  # 1. trajectories under the current control, detached states
             x_final, kl, path = self.drift_rollout(x0, seeds, keep_path=True)  # path: (B, K+1, *event)
-        r, grad_r = reward_gradient(self.reward, x_final)  # 2. a_K = grad r(x_K) / alpha
+        r, grad_r = reward_gradient(reward, x_final)  # 2. a_K = grad r(x_K) / alpha
         self.reward_queries += B
-        a = grad_r / self.task.alpha
+        a = grad_r / alpha
         weights = self.regression_steps()
         chunk = self.chunk_steps()
         params = self._drift_params
@@ -307,7 +292,7 @@ class AdjointMatchingLearner(DifferentiableLearner):
             w = torch.tensor([weights[k] for k in steps], dtype=path.dtype, device=path.device)  # (n,)
             std = torch.tensor([model.std(k) for k in steps], dtype=path.dtype, device=path.device)  # (n,)
             terms = regression_terms(self._deltas(steps, path[:, steps]), a_next, std)  # (B, n)
-            if o.loss_clip_quantile is not None:
+            if clip is not None:
                 terms = torch.minimum(terms, self._clip_thresholds(steps, terms.detach()))
             loss = (terms * w).sum(1).mean()
             for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
@@ -326,7 +311,59 @@ class AdjointMatchingLearner(DifferentiableLearner):
         surrogate = -sum((p * g).sum() for p, g in zip(params, grads))
         metrics = {
             REGRESSION_LOSS: total, TRAIN_REWARD: float(r.mean()), TRAIN_KL: float(kl.mean()),
-            TRAIN_OBJECTIVE: float(r.mean() - self.task.alpha * kl.mean()),
-            ADJOINT_NORM: float(grad_r.flatten(1).norm(dim=1).mean() / self.task.alpha),
+            TRAIN_OBJECTIVE: float(r.mean() - alpha * kl.mean()),
+            ADJOINT_NORM: float(grad_r.flatten(1).norm(dim=1).mean() / alpha),
         }
         return surrogate, metrics
+
+
+def check_memoryless(model: DiffusionModel, seed: int, max_memory: float, name: str, fix: str) -> float:
+    """mu of `chain_memory` (seeded); ConfigError when it exceeds max_memory (`fix`: what the user can do instead)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    memory = chain_memory(model, gen)
+    if memory > max_memory:
+        raise ConfigError(
+            f"learner {name!r}: the pretrained chain is not memoryless: x_0 explains {memory:.3g} of x_K's linearised "
+            f"variance (learner.max_memory = {max_memory}), so the regression's fixed point is not exp(r/alpha) p_pre "
+            f"(e.g. DDIM with eta < 1, or a schedule with a(T)^2 not near 0); {fix}")
+    return memory
+
+
+# -- the learner ---------------------------------------------------------------------------------------------
+
+
+class AdjointMatchingLearner(AdjointMatchingDrift, DifferentiableLearner):
+    """Adjoint Matching on one task (see the module docstring for the algorithm and the options)."""
+
+    Options: ClassVar[type] = AdjointMatchingOptions
+    name: ClassVar[str] = "adjoint_matching"
+    checkpoint_format: ClassVar[str] = FORMAT
+    checkpoint_version: ClassVar[int] = FORMAT_VERSION
+
+    def resolve_defaults(self, o: AdjointMatchingOptions) -> AdjointMatchingOptions:
+        return dataclasses.replace(
+            o, lr=DEFAULT_LR if o.lr is None else o.lr,
+            max_grad_norm=DEFAULT_MAX_GRAD_NORM if o.max_grad_norm is None else o.max_grad_norm,
+            drift_iterations=DEFAULT_DRIFT_ITERATIONS if o.drift_iterations is None else o.drift_iterations,
+        )
+
+    def check_model(self) -> None:
+        super().check_model()
+        if not self.task.alpha > 0:
+            raise ConfigError(f"alpha must be > 0 for learner {self.name!r} (got {self.task.alpha}): a_K = grad r / alpha")
+        if not getattr(self.reward, "differentiable", True):
+            raise ConfigError(
+                f"reward {getattr(self.reward, 'name', '?')!r} is not differentiable; learner {self.name!r} needs grad r "
+                "(the lean adjoint starts at grad r / alpha): use learner type ppo_kl instead")
+        if self.options.max_memory < 1.0:
+            self.memory = check_memoryless(
+                self.model, int(self.task.seed) + 1, self.options.max_memory, self.name,
+                "use a DDPM chain (eta = 1) with a long enough schedule, learner type elegant with drift_solver: "
+                "adjoint_matching (it learns the initial law), or raise learner.max_memory to accept the bias")
+
+    def compute_derived(self) -> dict[str, Any]:
+        return {**super().compute_derived(), "loss_chunk_steps": self.chunk_steps(),
+                "memory": getattr(self, "memory", None)}
+
+    def objective(self) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.matching_objective()

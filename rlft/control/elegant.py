@@ -31,6 +31,12 @@ with log p_theta the Gaussian transitions' log density at the detached states (`
 leave-one-out baseline b_i does not depend on path_i, so g_LR is unbiased for grad E[r]; the batch mean
 (b_i = mean_j r_j) would scale it by (1 - 1/n). The KL term is always back-propagated.
 
+Drift solver (`drift_solver`): "backprop" is step 3 above; "adjoint_matching" solves eq. 11 by Adjoint Matching's
+regression onto the lean adjoint instead (rlft.control.adjoint_matching: gradient-free rollouts, memory flat in K,
+no reward-gradient mixing). Its fixed point is the drift-only optimum given x_0 for ANY initial law, so with the
+learned nu_hat the pair (nu_hat, u) targets exp(r/alpha) p_pre even for a chain that remembers x_0, where plain
+Adjoint Matching from the prior is biased.
+
 Baselines (NO KL, Truncation, Random-K) are subclasses in rlft.control.baselines.
 """
 
@@ -45,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 
 import rlft.checkpoint as checkpoint
+import rlft.control.adjoint_matching as am
 from rlft.config import ConfigError
 from rlft.control.initial import InitialControl
 from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions
@@ -67,6 +74,12 @@ LAMBDA_SAMPLES = 4096
 DEFAULT_PATHWISE_WEIGHT = 0.25
 #: learning rate with and without the KL term (see ElegantOptions.lr)
 LR_WITH_KL, LR_WITHOUT_KL = 5e-3, 1e-3
+#: drift solvers of step 3 (see the module docstring)
+DRIFT_SOLVERS = ("backprop", "adjoint_matching")
+#: the regression solver's name (an option value, not a learner type)
+MATCHING_SOLVER = DRIFT_SOLVERS[1]
+#: drift updates of the adjoint_matching solver (see ElegantOptions.drift_solver)
+AM_DRIFT_ITERATIONS = 800
 
 TRAIN_REWARD = "train_reward"
 TRAIN_KL = "train_kl"
@@ -121,6 +134,10 @@ class ElegantOptions(DifferentiableOptions):
     pathwise_weight: float | None = None
     """Weight w in [0, 1] of the back-propagated reward gradient, the rest being the likelihood-ratio estimator
     (see the class docstring); None = 0.25 with a network control, 1 on a LoRA adapter."""
+    drift_solver: str = "backprop"
+    """Step 3's solver: backprop (eq. 11 by back-propagating through the rollout) or adjoint_matching (regression
+    onto the lean adjoint; lr None = 3e-3 and max_grad_norm None = 0 as type adjoint_matching, drift_iterations
+    None = 800: with ELEGANT's batch of 512 as many trajectories as type adjoint_matching's 1600 x 256)."""
 
     POSITIVE: ClassVar[tuple[str, ...]] = DifferentiableOptions.POSITIVE + ("init_lr", "value_lr")
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = DifferentiableOptions.AT_LEAST_ONE + (
@@ -142,6 +159,11 @@ class ElegantOptions(DifferentiableOptions):
             raise ConfigError(f"learner.divergence: {err}") from None
         if not self.kl_route(div) and not self.kl_penalty:
             raise ConfigError(f"learner.divergence {self.divergence!r} needs the KL machinery (kl_penalty: true, type elegant)")
+        if self.drift_solver not in DRIFT_SOLVERS:
+            raise ConfigError(f"learner.drift_solver must be one of {list(DRIFT_SOLVERS)} (got {self.drift_solver!r})")
+        if self.matching_drift and not self.kl_penalty:
+            raise ConfigError("learner.drift_solver adjoint_matching needs the KL term (its adjoint starts at grad r / alpha); "
+                              "set kl_penalty: true or drift_solver: backprop")
         if self.lr is None and self.lr_final > self.default_lr():
             raise ConfigError(f"learner.lr_final must be <= learner.lr (got lr_final={self.lr_final}, default lr={self.default_lr()})")
 
@@ -150,11 +172,18 @@ class ElegantOptions(DifferentiableOptions):
         """Whether a divergence is eq. 5's KL itself (no TANG reward transform)."""
         return div.name in ("kl", "reverse_kl")
 
+    @property
+    def matching_drift(self) -> bool:
+        """Whether step 3 is solved by Adjoint Matching's regression (drift_solver adjoint_matching)."""
+        return self.drift_solver == MATCHING_SOLVER
+
     def default_lr(self) -> float:
+        if self.matching_drift:
+            return am.DEFAULT_LR
         return LR_WITH_KL if self.kl_penalty else LR_WITHOUT_KL
 
 
-class ElegantLearner(DifferentiableLearner):
+class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
     """ELEGANT on one task (see the module docstring for the algorithm and the options)."""
 
     Options: ClassVar[type] = ElegantOptions
@@ -169,6 +198,10 @@ class ElegantLearner(DifferentiableLearner):
         return 1.0 if self.uses_lora else DEFAULT_PATHWISE_WEIGHT
 
     def resolve_defaults(self, o: ElegantOptions) -> ElegantOptions:
+        if o.matching_drift:
+            o = dataclasses.replace(
+                o, max_grad_norm=am.DEFAULT_MAX_GRAD_NORM if o.max_grad_norm is None else o.max_grad_norm,
+                drift_iterations=AM_DRIFT_ITERATIONS if o.drift_iterations is None else o.drift_iterations)
         if o.lr is None:
             o = dataclasses.replace(o, lr=o.default_lr())
         if o.max_grad_norm is None:
@@ -189,6 +222,9 @@ class ElegantLearner(DifferentiableLearner):
                 f"reward {getattr(self.reward, 'name', '?')!r} is not differentiable; learner {self.name!r} back-propagates "
                 "through the reward: use an RLlib learner (ppo_kl, fpg) instead"
             )
+        if self.options.matching_drift and not self.options.learn_init:
+            am.check_memoryless(self.model, int(self.task.seed) + 1, am.MATCHING_MAX_MEMORY, self.name,
+                                "set learner.learn_init: true (the learned initial law removes the bias)")
 
     def compute_derived(self) -> dict[str, Any]:
         return {**super().compute_derived(), "pathwise_weight": self.options.pathwise_weight, "train_alpha": self.train_alpha}
@@ -289,7 +325,12 @@ class ElegantLearner(DifferentiableLearner):
             reward_term = w * r.mean() + (1.0 - w) * (r.mean().detach() + score_term)
         return reward_term - self.train_alpha * kl.mean(), r, kl
 
+    def matching_reward(self) -> tuple[Reward, float]:
+        return self.train_reward, self.train_alpha
+
     def objective(self) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.options.matching_drift:
+            return self.matching_objective()
         grad_start = self.grad_start()
         obj, r, kl = self.drift_objective(self.options.batch_size, grad_start)
         return obj, {TRAIN_OBJECTIVE: float(obj.detach()), TRAIN_REWARD: float(r.detach().mean()), TRAIN_KL: float(kl.detach().mean())}

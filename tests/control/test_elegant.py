@@ -616,3 +616,58 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_files(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         learner.save_checkpoint(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # the previous checkpoint stays, no temporaries
+
+
+# -- drift_solver: adjoint_matching ------------------------------------------------------------------------------
+
+
+def _surrogate_grads(learner) -> list[torch.Tensor]:
+    surrogate, metrics = learner.objective()
+    return [g if g is not None else torch.zeros_like(p)
+            for p, g in zip(learner._drift_params, torch.autograd.grad(surrogate, learner._drift_params, allow_unused=True))]
+
+
+def test_the_adjoint_matching_drift_solver_is_adjoint_matchings_update_from_elegants_initial_law():
+    """Before setup (x_0 from the prior) one update of ELEGANT with drift_solver adjoint_matching is type
+    adjoint_matching's update (same control, same noise); after setup its x_0 are the learned initial law's."""
+    keys = {k: v for k, v in TINY.items() if not k.startswith(("init_", "value_"))}
+    ours = make({"type": "elegant", **TINY, "drift_solver": "adjoint_matching"})
+    theirs = make({"type": "adjoint_matching", **keys})
+    assert (ours.options.lr, ours.options.max_grad_norm) == (3e-3, 0.0)
+    with torch.no_grad():  # a non-zero control (the network starts at zero), the same in both
+        for p, q in zip(ours._drift_params, theirs._drift_params):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.3)
+            q.copy_(p)
+    ga, gb = _surrogate_grads(ours), _surrogate_grads(theirs)
+    assert max(float(g.abs().max()) for g in ga) > 1e-3
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # after setup: x_0 from nu_hat, drawn with the update's generator
+    ours.train_iteration()
+    state = ours._rng.get_state()
+    seen = {}
+    rollout = ours.drift_rollout
+
+    def spy(x0, *args, **kwargs):
+        seen["x0"] = x0
+        return rollout(x0, *args, **kwargs)
+
+    ours.drift_rollout = spy
+    metrics = ours.update()
+    rng = torch.Generator().set_state(state)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+    expected = ours.init_dist().init_sample(ours.options.batch_size, gen)[0]
+    torch.testing.assert_close(seen["x0"], expected)
+    assert "regression_loss" in metrics and math.isfinite(metrics["grad_norm"])
+
+
+def test_the_adjoint_matching_drift_solver_refuses_a_biased_setting():
+    with pytest.raises(ConfigError, match="learner.drift_solver must be one of"):
+        make({"type": "elegant", "drift_solver": "sde"})
+    with pytest.raises(ConfigError, match="needs the KL term"):
+        make({"type": "no_kl", "drift_solver": "adjoint_matching", "learn_init": False})
+    # a chain that remembers x_0 (beta_max = 1: a(T)^2 = 0.58) needs the learned initial law
+    with pytest.raises(ConfigError, match="learn_init: true"):
+        make({"type": "elegant", **TINY, "drift_solver": "adjoint_matching", "learn_init": False}, num_steps=20, beta_max=1.0)
+    make({"type": "elegant", **TINY, "drift_solver": "adjoint_matching"}, num_steps=20, beta_max=1.0)
+    assert make({"type": "elegant", "drift_solver": "adjoint_matching"}).options.drift_iterations == 800
