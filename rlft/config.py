@@ -299,6 +299,9 @@ class TaskConfig:
     (checked by `rlft.run_config.RunConfig`)."""
     sweep: dict[str, Any] | None = None
     """Grid for `rlft sweep`: {dotted.key: [values, ...]}, e.g. {alpha: [0.1, 0.3, 1.0]}."""
+    conditions: dict[str, Any] | None = None
+    """A conditional task's conditions {train: [...], eval: [...]} (parsed by `rlft.conditions.parse_conditions`);
+    None = unconditional."""
 
     def __post_init__(self) -> None:
         # alpha = 0 is a learner's call (one that keeps the KL term rejects it when it is built: ELEGANT's

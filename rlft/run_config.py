@@ -45,6 +45,7 @@ import yaml
 
 import rlft.registry as registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
+from rlft.conditions import conditions_of
 from rlft.learners import check_learner_spec
 from rlft.rewards.f_regularised import check_task_alpha
 
@@ -263,6 +264,7 @@ def check_components(task: TaskConfig) -> None:
     check_reward_spec(task.reward)
     check_task_alpha(task.reward, task.alpha)
     check_learner_spec(task.learner)
+    conditions_of(task)  # a malformed `conditions:` section fails here, before Ray starts
 
 
 def check_reward_spec(spec: dict[str, Any]) -> None:

@@ -69,7 +69,8 @@ MAX_LINES = 420
 #: - runners: the CLI, Tune/Jobs runners, the demo, the benchmarks and `rlft/__init__.py` (the public surface
 #:   re-exports from every layer, so nothing inside rlft imports names from it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("rlft.config", "rlft.files", "rlft.registry", "rlft.checkpoint", "rlft.schedule", "rlft.data")),
+    ("foundation", ("rlft.config", "rlft.files", "rlft.registry", "rlft.checkpoint", "rlft.schedule", "rlft.data",
+                    "rlft.conditions")),
     ("chain", ("rlft.models", "rlft.sampling", "rlft.divergences", "rlft.metrics")),
     ("rewards", ("rlft.rewards",)),
     ("tasks", ("rlft.tasks", "rlft.evaluation", "rlft.plots")),

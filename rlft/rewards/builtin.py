@@ -2,15 +2,22 @@
 
 `rlft.registry` names each under the `reward.type` a YAML task uses. Task-specific rewards live with their
 task (`rlft.tasks`), the f-regularised reward in `rlft.rewards.f_regularised`.
+
+In a conditional task a parameter may be the condition itself (`reward: {type: quadratic, center: condition}`,
+`{type: linear, direction: condition}`): the reward is then conditional, r(x, c), and its closed form at each c
+(`exact_form_at`) gives the exact target p_tar(.|c) and J*(c) on a Gaussian-mixture model (MATH.md §8).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 
 from rlft.rewards.base import Reward
+
+#: the value of a built-in reward's parameter that makes it the task's condition (`center: condition`)
+CONDITION = "condition"
 
 
 def _vector(values, name: str, dim: int | None = None) -> torch.Tensor:
@@ -24,39 +31,72 @@ def _vector(values, name: str, dim: int | None = None) -> torch.Tensor:
     return t
 
 
+def _check_condition_value(value: Any, name: str) -> bool:
+    """True when a parameter is the condition (the string "condition"); any other string is an error."""
+    if isinstance(value, str):
+        if value != CONDITION:
+            raise ValueError(f"{name} must be a list of numbers or {CONDITION!r} (the task's condition) (got {value!r})")
+        return True
+    return False
+
+
+def _per_sample(param: torch.Tensor | None, cond: tuple[torch.Tensor, ...], flat: torch.Tensor, what: str) -> torch.Tensor:
+    """The parameter per sample: the condition (B, d) for a conditional reward, else the fixed vector (1, D)."""
+    if param is None:
+        if len(cond) != 1:
+            raise ValueError(f"reward {what} = condition: call it as r(x, cond) with cond (B, d)")
+        p = cond[0].reshape(flat.shape[0], -1).to(flat)
+    else:
+        p = param.to(flat)[None]
+    if p.shape[1] != flat.shape[1]:
+        source = "the condition" if param is None else what
+        raise ValueError(f"reward: {source} has {p.shape[1]} entries, samples have {flat.shape[1]}")
+    return p
+
+
 class QuadraticReward(Reward):
-    """r(x) = -scale/2 |x - center|^2 (vectors; images and sequences are flattened)."""
+    """r(x) = -scale/2 |x - center|^2 (vectors; images and sequences are flattened); center may be the condition."""
 
     name = "quadratic"
 
-    def __init__(self, center: list[float], scale: float = 1.0) -> None:
+    def __init__(self, center: Union[list[float], Literal["condition"]], scale: float = 1.0) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0 (got {scale})")
-        self.center = _vector(center, "center")
         self.scale = float(scale)
-        self.exact_form = ("quadratic", {"center": self.center.tolist(), "scale": self.scale})
+        self.conditional = _check_condition_value(center, "center")
+        self.center = None if self.conditional else _vector(center, "center")
+        self.exact_form = None if self.conditional else ("quadratic", {"center": self.center.tolist(), "scale": self.scale})
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def exact_form_at(self, cond: torch.Tensor) -> tuple[str, dict[str, Any]] | None:
+        if not self.conditional:
+            return self.exact_form
+        return ("quadratic", {"center": torch.as_tensor(cond).reshape(-1).tolist(), "scale": self.scale})
+
+    def __call__(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != self.center.numel():
-            raise ValueError(f"reward 'quadratic': center has {self.center.numel()} entries, samples have {flat.shape[1]}")
-        return -0.5 * self.scale * (flat - self.center.to(flat)).pow(2).sum(-1)
+        center = _per_sample(self.center, cond, flat, "center")  # (B or 1, D)
+        return -0.5 * self.scale * (flat - center).pow(2).sum(-1)
 
 
 class LinearReward(Reward):
-    """r(x) = direction . x."""
+    """r(x) = direction . x; direction may be the condition."""
 
     name = "linear"
 
-    def __init__(self, direction: list[float]) -> None:
-        self.direction = _vector(direction, "direction")
-        self.exact_form = ("linear", {"direction": self.direction.tolist()})
+    def __init__(self, direction: Union[list[float], Literal["condition"]]) -> None:
+        self.conditional = _check_condition_value(direction, "direction")
+        self.direction = None if self.conditional else _vector(direction, "direction")
+        self.exact_form = None if self.conditional else ("linear", {"direction": self.direction.tolist()})
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def exact_form_at(self, cond: torch.Tensor) -> tuple[str, dict[str, Any]] | None:
+        if not self.conditional:
+            return self.exact_form
+        return ("linear", {"direction": torch.as_tensor(cond).reshape(-1).tolist()})
+
+    def __call__(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != self.direction.numel():
-            raise ValueError(f"reward 'linear': direction has {self.direction.numel()} entries, samples have {flat.shape[1]}")
-        return flat @ self.direction.to(flat)
+        direction = _per_sample(self.direction, cond, flat, "direction")  # (B or 1, D)
+        return (flat * direction).sum(-1)
 
 
 class DistanceToModeReward(Reward):
