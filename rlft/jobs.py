@@ -46,7 +46,11 @@ from rlft.run_config import RunConfig, SweepGrid, apply_overrides, experiment_fr
 #: Ray refuses working_dir packages above 500 MiB; above this we warn
 WARN_PACKAGE_BYTES = 100 * 1024**2
 #: a freshly started head refuses jobs until its agent is up ("No available agent"): retries, pause
-AGENT_RETRIES, AGENT_RETRY_S = 6, 5.0
+#: "try again later" answers (a head whose job agent is still starting) are retried with exponential back-off
+#: from AGENT_RETRY_S, doubling to at most AGENT_RETRY_MAX_S per wait, for AGENT_RETRY_TOTAL_S in all
+AGENT_RETRY_S, AGENT_RETRY_MAX_S, AGENT_RETRY_TOTAL_S = 1.0, 8.0, 60.0
+#: the server's messages that mean "not yet" rather than "no"
+RETRY_LATER = ("No available agent", "try again later")
 #: job states after which nothing changes (ray.job_submission.JobStatus values)
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 #: where users get the token, quoted in every authentication error
@@ -270,19 +274,33 @@ def submit(
             log(f"warning: the job package is {size / 1024**2:.0f} MiB (Ray's limit: 500 MiB); leave data out with --exclude")
         runtime_env["working_dir"] = str(package)
         metadata = {"rlft_command": command, "rlft_config": stem, "rlft_storage_path": raw_storage}
-        for attempt in range(AGENT_RETRIES + 1):
-            try:
-                job_id = client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
-                                           metadata=metadata)
-                break
-            except RuntimeError as err:  # the server refused (e.g. duplicate id, bad runtime_env)
-                if "No available agent" in str(err) and attempt < AGENT_RETRIES:  # a head still starting up
-                    log(f"the head's job agent is not up yet; retrying in {AGENT_RETRY_S:g}s")
-                    time.sleep(AGENT_RETRY_S)
-                    continue
-                raise JobsError(f"the cluster at {address} refused the job: {err}") from None
+        job_id = submit_with_retries(
+            lambda: client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+                                      metadata=metadata), address, log)
     log(f"submitted job {job_id} to {address}: {entrypoint}")
     return Submission(job_id, address, command, entrypoint, raw_storage, size)
+
+
+def submit_with_retries(send, address: str, log, sleep=time.sleep, clock=time.monotonic) -> str:
+    """`send()` (one submission), retrying the server's "try again later" answers with exponential back-off
+    for at most AGENT_RETRY_TOTAL_S seconds and saying so; any other refusal, or the last one, is a JobsError."""
+    start, wait = clock(), AGENT_RETRY_S
+    while True:
+        try:
+            return send()
+        except RuntimeError as err:  # the server refused (e.g. duplicate id, bad runtime_env, agent not up)
+            later = any(s.lower() in str(err).lower() for s in RETRY_LATER)
+            spent = clock() - start
+            if later and spent + wait <= AGENT_RETRY_TOTAL_S:
+                log(f"the cluster at {address} says to try again later (its job agent is starting); retrying in "
+                    f"{wait:g}s ({spent:.0f}s of at most {AGENT_RETRY_TOTAL_S:g}s spent)")
+                sleep(wait)
+                wait = min(2 * wait, AGENT_RETRY_MAX_S)
+                continue
+            if later:
+                raise JobsError(f"the cluster at {address} still had no job agent after {spent:.0f}s of retries "
+                                f"({err}); check the head with `ray status` and submit again") from None
+            raise JobsError(f"the cluster at {address} refused the job: {err}") from None
 
 
 def _default_storage() -> str:

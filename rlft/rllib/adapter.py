@@ -208,7 +208,7 @@ class RLlibLearner(Learner):
     def build(self) -> None:
         self.config = self.build_config()
         log.info("%s on %s: %s", type(self).__name__, self.options.env, self.derived())
-        self.algo = self.config.build_algo()
+        self.algo = _build_algo_outside_home(self.config)
 
     # -- Learner protocol ---------------------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:
@@ -269,3 +269,19 @@ class RLlibLearner(Learner):
             return int(self.algo.metrics.peek(("env_runners", "num_env_steps_sampled_lifetime"), default=0))
         except Exception:  # metrics layout differs across RLlib versions: the counter is informative only
             return 0
+
+
+def _build_algo_outside_home(config):
+    """`config.build_algo()`, except that the Algorithm's (unused, empty) log directory goes under the temp
+    directory instead of a new `~/ray_results/<date>...` folder per run: an Algorithm built outside a Tune
+    Trainable makes one there (`Trainable._setup_logdir`), and rlft writes its results elsewhere."""
+    import tempfile
+
+    import ray.tune.trainable.trainable as trainable
+
+    saved = trainable.DEFAULT_STORAGE_PATH
+    trainable.DEFAULT_STORAGE_PATH = os.path.join(tempfile.gettempdir(), "rlft_rllib_logdirs")
+    try:
+        return config.build_algo()
+    finally:
+        trainable.DEFAULT_STORAGE_PATH = saved

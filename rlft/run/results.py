@@ -141,6 +141,10 @@ def print_table(trials: list[dict[str, Any]], grid: SweepGrid, stream=None) -> N
     print("  ".join(h.rjust(w) for (_, h), w in zip(columns, widths)), file=stream)
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)), file=stream)
+    for t in trials:  # a failed trial: why, in one line, and where its full traceback is
+        if t.get(STATUS) == ERRORED:
+            where = os.path.join(t[TRIAL_PATH], "error.txt") if t.get(TRIAL_PATH) else "its trial directory"
+            print(f"failed ({_label(t[CONFIG])}): {t.get(ERROR) or 'unknown error'}  [traceback: {where}]", file=stream)
 
 
 def _label(config: dict[str, Any]) -> str:

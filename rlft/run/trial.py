@@ -46,11 +46,13 @@ from rlft.learners import Learner, build_learner
 from rlft.models import DiffusionModel, build_model
 from rlft.rewards import build_reward, evaluate, prepare_reward_spec
 from rlft.run.keys import (
-    ENERGY_DISTANCE, EVAL_ITERATION, GAP_CLOSURE, HISTORY_FILE, ITERATION, ITERATION_TIME, KL, LAST_EVAL, LEARNER_DIR,
-    MANIFEST, OBJECTIVE, OPTIMAL_KL, OPTIMAL_OBJECTIVE, OPTIMAL_REWARD, REWARD, REWARD_QUERIES, SAMPLES_FILE,
-    SAMPLES_FINETUNED, SAMPLES_PRETRAINED, SAMPLES_TARGET, STATE_FILE, TASK_KEY, TRAIN, WALL_TIME,
+    EVAL_ITERATION, HISTORY_FILE, ITERATION, ITERATION_TIME, LAST_EVAL, LEARNER_DIR, MANIFEST, OPTIMAL_KL,
+    OPTIMAL_REWARD, REWARD_QUERIES, SAMPLES_FILE, SAMPLES_FINETUNED, SAMPLES_PRETRAINED, SAMPLES_TARGET, STATE_FILE,
+    TASK_KEY, TRAIN, WALL_TIME,
 )
 from rlft.run.storage import json_default, log
+from rlft.run.progress import Progress
+from rlft.run.quiet import quiet_ray
 from rlft.run_config import RunConfig, apply_overrides, run_config_of, validate_task
 from rlft.sampling import sample
 
@@ -74,6 +76,7 @@ def trial_main(config: dict[str, Any]) -> None:
     """Tune function trainable: build, restore, then train/evaluate/report/checkpoint to run.iterations."""
     from ray import tune
 
+    quiet_ray()  # RLlib's and Tune's notices about their own internals (rlft.run.quiet)
     task = trial_task(config)
     run = run_config_of(task)  # the hook learners read: the loop and their schedules see one number
     label = ", ".join(f"{k}={v}" for k, v in config.items() if k != TASK_KEY) or "trial"
@@ -82,10 +85,12 @@ def trial_main(config: dict[str, Any]) -> None:
     task = _prepared_task(task, model)
     reward = build_reward(task.reward, model=model).to(model.device)
     learner = build_learner(task, model, reward)
+    quiet_ray()  # again: RLlib installs its own log handler when the learner imports it
     state, history = _restore(learner, tune.get_checkpoint(), label)
     last_eval: dict[str, Any] = state.get(LAST_EVAL) or {}
     wall = float(state.get(WALL_TIME, 0.0))
     pending: list[dict[str, Any]] = []
+    progress = Progress(label, run.iterations, start=learner.iteration)
     while learner.iteration < run.iterations:
         start, before = time.perf_counter(), learner.iteration
         metrics = learner.train_iteration()
@@ -95,9 +100,9 @@ def trial_main(config: dict[str, Any]) -> None:
         final = it >= run.iterations
         if not last_eval or it % run.eval_every == 0 or final:
             last_eval = {**learner.evaluate(num_samples=run.eval_samples), EVAL_ITERATION: it}
-            log(f"[{label}] iteration {it}/{run.iterations}: " + _brief(last_eval))
         elapsed = time.perf_counter() - start
         wall += elapsed
+        log(progress.line(it, metrics, last_eval, last_eval.get(EVAL_ITERATION)))
         pending.append({
             ITERATION: it, REWARD_QUERIES: int(learner.reward_queries), WALL_TIME: wall, ITERATION_TIME: elapsed,
             TRAIN: _numbers(metrics), **last_eval,
@@ -234,11 +239,6 @@ def _numbers(metrics: Any) -> dict[str, float]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[str(k)] = float(v)
     return out
-
-
-def _brief(figures: dict[str, Any]) -> str:
-    keys = (REWARD, KL, OBJECTIVE, OPTIMAL_OBJECTIVE, GAP_CLOSURE, ENERGY_DISTANCE)
-    return " ".join(f"{k}={figures[k]:.4g}" for k in keys if isinstance(figures.get(k), (int, float)))
 
 
 def _files(directory: str) -> list[str]:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from rlft.config import ConfigError
 from rlft.learners import check_learner_spec
 from rlft.run.keys import OBJECTIVE, TASK_KEY
 from rlft.run.storage import log
+from rlft.run.quiet import quiet_ray
 from rlft.run.trial import trial_main, trial_task
 from rlft.run_config import RunConfig, SweepGrid, run_config_of
 
@@ -35,9 +37,19 @@ def init_ray(address: str | None = None) -> None:
     """
     import ray
 
+    quiet_ray()  # before init: Ray's token notice is logged while it starts
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one progress line per trial, not "[repeated 2x]"
+    if not sys.stderr.isatty():  # the trials' lines reach a log file: no colour codes in their prefix
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    try:
+        _init(ray, address)
+    finally:
+        quiet_ray()  # the handlers Ray may have (re)installed
+
+
+def _init(ray, address: str | None) -> None:
     if address:  # an explicit cluster address (token auth then needs RAY_AUTH_MODE=token, see RAY_NOTES §4)
         ray.init(address=address)
         return
