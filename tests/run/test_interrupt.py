@@ -70,7 +70,7 @@ def _run_until_first_rows(config: str, address: str, sig: int, timeout: float = 
                 break
             lines.append(line)
             # after iteration 2's row, iteration 1's checkpoint is surely written (report() returned)
-            if not sent and f"iteration 2/{ITERATIONS}" in line:
+            if not sent and f"] 2/{ITERATIONS}  " in line  # the progress line of iteration 2 (rlft.run.progress):
                 proc.send_signal(sig)
                 sent = True
         code = proc.wait(timeout=60)
