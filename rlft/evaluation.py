@@ -6,7 +6,8 @@ every command that reports a run is this dict.
 
     objective J       = E[r(x_K)] - alpha * E[path KL]                    (ELEGANT eq. 5)
     optimal J*        = alpha log C exactly (Gaussian mixture with linear/quadratic reward),
-                        else alpha * log-mean-exp(r/alpha) over pretrained samples (Donsker-Varadhan)
+                        else alpha * log-mean-exp(r/alpha) over pretrained samples (Donsker-Varadhan);
+                        `optimal_objective_exact` says which, `optimal_objective_se` is the estimate's s.e.
     gap_closure       = (J - J_pre) / (J* - J_pre)
     energy_distance   = to exact target samples (when the target is known), with the exact-vs-exact
                         figure at the same sample size as `energy_distance_floor` (the mean of 8 exact draws
@@ -37,6 +38,9 @@ TRUE_REWARD = "true_reward"
 KL = "kl"
 OBJECTIVE = "objective"
 OPTIMAL_OBJECTIVE = "optimal_objective"
+#: True when J* is the closed form, False when it is the Monte-Carlo estimate (then OPTIMAL_OBJECTIVE_SE is its s.e.)
+OPTIMAL_OBJECTIVE_EXACT = "optimal_objective_exact"
+OPTIMAL_OBJECTIVE_SE = "optimal_objective_se"
 GAP_CLOSURE = "gap_closure"
 DIVERSITY = "diversity"
 ENERGY_DISTANCE = "energy_distance"
@@ -104,6 +108,7 @@ def evaluate_run(
     tuned = sample(model, num_samples, control=control, init=init, seed=seed, progress=progress, desc="fine-tuned")
     out = sample_figures(model, reward, alpha, tuned.x, tuned.kl)
     out[OPTIMAL_OBJECTIVE] = pre[OPTIMAL_OBJECTIVE]
+    out[OPTIMAL_OBJECTIVE_EXACT], out[OPTIMAL_OBJECTIVE_SE] = pre[OPTIMAL_OBJECTIVE_EXACT], pre[OPTIMAL_OBJECTIVE_SE]
     out[GAP_CLOSURE] = metrics.gap_closure(out[OBJECTIVE], pre[OBJECTIVE], pre[OPTIMAL_OBJECTIVE])
     target_x = pre.get("_target_x")
     if target_x is not None:
@@ -128,6 +133,7 @@ def _pretrained_figures(model, reward, alpha, n, seed, progress) -> dict[str, An
     target = _exact_target(model, reward, alpha)
     if target is not None:
         out[OPTIMAL_OBJECTIVE] = target.optimal_objective
+        out[OPTIMAL_OBJECTIVE_EXACT], out[OPTIMAL_OBJECTIVE_SE] = True, 0.0
         g = torch.Generator().manual_seed(seed + 1)
         target_x = target.mixture.sample(n, g)
         out["_target_x"] = target_x
@@ -145,6 +151,8 @@ def _pretrained_figures(model, reward, alpha, n, seed, progress) -> dict[str, An
                 evaluate(reward, extra.x.to(model.device)).double().cpu(),
             ])
         out[OPTIMAL_OBJECTIVE] = metrics.optimal_objective_mc(r_all, alpha)
+        out[OPTIMAL_OBJECTIVE_EXACT] = False
+        out[OPTIMAL_OBJECTIVE_SE] = metrics.optimal_objective_mc_se(r_all, alpha)
     out[GAP_CLOSURE] = 0.0
     if len(_PRETRAINED_CACHE) > 16:
         _PRETRAINED_CACHE.clear()

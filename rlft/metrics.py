@@ -67,6 +67,17 @@ def optimal_objective_mc(reward_values: torch.Tensor, alpha: float) -> float:
     return float(alpha * log_mean_exp(r / alpha))
 
 
+def optimal_objective_mc_se(reward_values: torch.Tensor, alpha: float) -> float:
+    """Standard error of `optimal_objective_mc` by the delta method: with w_i = exp(r_i / alpha) and
+    J* = alpha log mean w, se = alpha * sd(w) / (mean(w) sqrt(n)), computed as sd(w / max w) / mean(w / max w)
+    so that it does not overflow; 0 for alpha = 0 (the max, no sampling error to first order)."""
+    r = _vec(reward_values, "reward_values").double()
+    if not alpha > 0 or r.numel() < 2:
+        return 0.0
+    w = torch.exp(r / alpha - (r / alpha).max())
+    return float(alpha * w.std(unbiased=True) / (w.mean() * math.sqrt(r.numel())))
+
+
 def gap_closure(objective: float, pretrained_objective: float, optimal_objective: float) -> float:
     """(J - J_pre) / (J* - J_pre): 0 for the pretrained model, 1 at the optimum.
 

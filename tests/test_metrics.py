@@ -207,3 +207,24 @@ def test_energy_distance_floor_is_the_mean_of_exact_draws_against_the_reference(
     assert out["energy_distance_floor"] == pytest.approx(sum(draws) / len(draws), rel=1e-12)
     # the pretrained model is far from the tilted target, the figure of the pretrained samples far above the floor
     assert out["pretrained"]["energy_distance"] > 5 * out["energy_distance_floor"]
+
+
+def test_optimal_objective_mc_se_matches_closed_form_and_the_spread_of_the_estimate():
+    """r ~ N(0, 1), alpha = 1: w = e^r is log-normal, sd(w)/mean(w) = sqrt(e - 1), so se = sqrt(e - 1)/sqrt(n);
+    and the estimator's own spread over independent draws is that se (delta method)."""
+    import math
+
+    import torch
+
+    from rlft.metrics import optimal_objective_mc, optimal_objective_mc_se
+
+    n = 4000
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(400_000, generator=g, dtype=torch.float64)
+    assert optimal_objective_mc_se(big, 1.0) * math.sqrt(big.numel()) == pytest.approx(math.sqrt(math.e - 1), rel=0.05)
+    draws = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(300)]
+    spread = torch.tensor([optimal_objective_mc(r, 1.0) for r in draws]).std().item()
+    se = sum(optimal_objective_mc_se(r, 1.0) for r in draws) / len(draws)
+    assert se == pytest.approx(spread, rel=0.15)
+    assert se == pytest.approx(math.sqrt(math.e - 1) / math.sqrt(n), rel=0.1)
+    assert optimal_objective_mc_se(draws[0], 0.0) == 0.0

@@ -15,6 +15,8 @@ from rlft.evaluation import (  # noqa: F401  (the figures every reported row car
     KL,
     OBJECTIVE,
     OPTIMAL_OBJECTIVE,
+    OPTIMAL_OBJECTIVE_EXACT,
+    OPTIMAL_OBJECTIVE_SE,
     PRETRAINED,
     REWARD,
 )
