@@ -47,7 +47,9 @@ import rlft.registry as registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
 from rlft.conditions import conditions_of
 from rlft.learners import check_learner_spec
+from rlft.rewards.base import POOL_KEYS, pool_spec
 from rlft.rewards.f_regularised import check_task_alpha
+from rlft.rewards.remote import RewardPool, check_pool_options
 
 #: the logger callbacks `run.loggers` may name (JSON is always written: Tune's results are read from it)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
@@ -268,7 +270,13 @@ def check_components(task: TaskConfig) -> None:
 
 
 def check_reward_spec(spec: dict[str, Any]) -> None:
-    """Checks a `reward:` mapping's keys against its factory's signature (`model` is filled by rlft)."""
+    """Checks a `reward:` mapping's keys against its factory's signature (`model` is filled by rlft); a mapping
+    with `workers:` (served by Ray actors) has its pool keys checked, then the served reward's own."""
+    if "workers" in spec:
+        pooled = pool_spec(spec)
+        check_kwargs(RewardPool, {k: v for k, v in pooled.items() if k != "type"}, "reward", {"model": None})
+        check_pool_options(*(pooled.get(k, d) for k, d in zip(POOL_KEYS, (1, 0, 1.0, 0.0, 2))))
+        spec = pooled["reward"]
     params = {k: v for k, v in spec.items() if k != "type"}
     try:
         factory = registry.resolve("reward", spec["type"])

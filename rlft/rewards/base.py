@@ -28,6 +28,11 @@ import rlft.registry as registry
 from rlft.config import ConfigError, check_kwargs
 
 
+#: the registry name of a reward served by a pool of Ray actors, and the keys of a reward mapping that ask for one
+POOL_TYPE = "reward_pool"
+POOL_KEYS = ("workers", "batch_size", "num_cpus", "num_gpus", "max_retries")
+
+
 class RewardError(ValueError):
     """A reward returned something unusable (NaN/inf, wrong shape, not a tensor)."""
 
@@ -136,6 +141,8 @@ def check_reward_values(values: Any, batch: int, name: str, what: str = "reward"
         raise RewardError(
             f"{what} {name!r} must return shape ({batch},), one value per sample (got {tuple(values.shape)}){hint}"
         )
+    if not (values.is_floating_point() or values.is_complex()):  # an integer/bool score: rlft's statistics need floats
+        values = values.to(torch.get_default_dtype())
     bad = ~torch.isfinite(values.detach())
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -205,6 +212,7 @@ def build_reward(spec: dict[str, Any], path: str = "reward", **context: Any) -> 
     """
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"{path} must be a mapping with a 'type' key (got {spec!r})")
+    spec = pool_spec(spec)
     params = {k: v for k, v in spec.items() if k != "type"}
     try:
         factory = resolve_reward(spec["type"])
@@ -221,6 +229,15 @@ def build_reward(spec: dict[str, Any], path: str = "reward", **context: Any) -> 
     if callable(out):
         return FunctionReward(out, name=spec["type"])
     raise ConfigError(f"{path}.type {spec['type']!r} did not produce a reward (got {type(out).__name__})")
+
+
+def pool_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A mapping with `workers:` (served by Ray actors, `rlft.rewards.remote.RewardPool`) rewritten as
+    {type: reward_pool, reward: <the mapping without the pool keys>, workers: M, ...}; others unchanged."""
+    if not isinstance(spec, dict) or "workers" not in spec:
+        return spec
+    inner = {k: v for k, v in spec.items() if k not in POOL_KEYS}
+    return {"type": POOL_TYPE, "reward": inner, **{k: spec[k] for k in POOL_KEYS if k in spec}}
 
 
 def _is_plain_reward_fn(fn: Callable) -> bool:
