@@ -30,6 +30,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "adjoint_matching": "rlft.control.adjoint_matching:AdjointMatchingLearner",
         "ppo_kl": "rlft.rllib.ppo_kl:PPOKL",
         "fpg": "rlft.rllib.fpg:FPGLearnerAdapter",
+        "grpo": "rlft.rllib.grpo:GRPO",
         "discriminator_guidance": "rlft.guidance.discriminator_guidance:DiscriminatorGuidanceLearner",
     },
     "reward": {
@@ -41,8 +42,6 @@ _TABLE: dict[str, dict[str, str]] = {
         "digit_classifier": "rlft.tasks.digits:DigitClassifierReward",
         "tfbind8_exact": "rlft.tasks.tfbind8:TFBind8ExactReward",
         "tfbind8_learned": "rlft.tasks.tfbind8:TFBind8LearnedReward",
-        "reward_pool": "rlft.rewards.remote:RewardPool",
-        "http": "rlft.rewards.http:HTTPReward",
     },
     "model": {
         "gmm": "rlft.models.gmm:build_gmm_model",

@@ -3,6 +3,8 @@
     KLPenaltyConnector    PPO+KL, before GAE:  r_k <- r_k - alpha KL_k(delta_behaviour)        (ELEGANT eq. 22-23)
     KLLossScaleConnector  PPO+KL, after GAE:   column alpha / sigma_A for the direct KL term  (see `rlft.rllib.ppo_kl`)
     FPGRewardConnector    f-PG, before GAE:    r_t <- shaped -f'(ratio(s_{t+1}))               (BOOST eq. 4.7)
+    GroupAdvantageConnector  GRPO, in GAE's place: A_i = (R_i - mean_group) / (std_group + eps) on every step of
+                          trajectory i, and the direct KL term's column (see `rlft.rllib.grpo`)
 
 KL_k = |delta_k|^2 / (2 s_k^2) is the closed-form per-step KL (`rlft.sampling.step_kl`), read from the batch's
 ACTION_DIST_INPUTS = [delta, log s_k]; f-PG's ratio p_pi / p_* = exp(logit) comes from the learner-only
@@ -21,7 +23,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from rlft.divergences import get_divergence
-from rlft.rllib.keys import DISCRIMINATOR, FPG_REWARD, KL_LOSS_COEFF, LOGITS, PATH_KL
+from rlft.rllib.keys import DISCRIMINATOR, FPG_REWARD, GROUP_RETURN_STD, KL_LOSS_COEFF, LOGITS, PATH_KL
 from rlft.rllib.modules import DriftPolicyModule
 from rlft.rllib.restart import shape_rewards
 from rlft.sampling import step_kl
@@ -160,3 +162,87 @@ class FPGRewardConnector(ConnectorV2):
         if metrics is not None:
             metrics.log_value((DEFAULT_MODULE_ID, FPG_REWARD), float(g_next[mask].mean()), window=1)
         return batch
+
+
+# -- GRPO ----------------------------------------------------------------------------------------------------
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, normalize_std: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages (Flow-GRPO / DanceGRPO; MATH.md "GRPO"): groups are consecutive runs of G returns.
+
+        A_i = (R_i - mean_g R) / (std_g R + eps)      (normalize_std; std with Bessel's correction, ddof 1)
+        A_i =  R_i - mean_g R                         (otherwise)
+
+    Args:
+        returns: R_i, (N,), N a multiple of G; trajectories i = gG .. gG + G - 1 form group g.
+        group_size: G >= 2.
+        normalize_std: divide by the group's std (+ eps).
+        eps: added to the std (a group of equal returns gets A = 0, not 0/0).
+
+    Returns:
+        (A (N,), the divisor of each trajectory's group (N,): std_g + eps, or 1 without normalisation).
+    """
+    n, G = returns.shape[0], int(group_size)
+    if G < 2 or n % G:
+        raise ValueError(f"{n} returns do not split into groups of {G} (need G >= 2 and N a multiple of G)")
+    R = returns.reshape(n // G, G)  # (N/G, G)
+    centred = R - R.mean(dim=1, keepdim=True)
+    scale = R.std(dim=1, keepdim=True) + eps if normalize_std else torch.ones_like(R[:, :1])
+    return (centred / scale).reshape(n), scale.expand(-1, G).reshape(n)
+
+
+class GroupAdvantageConnector(ConnectorV2):
+    """Learner connector in GAE's place (GRPO, no critic): the same group-relative advantage on every step of a trajectory.
+
+    Groups are G consecutive episodes of the batch (the EnvRunners return each round's sub-envs in order, and the env
+    gives G consecutive sub-envs one condition); a group whose episodes start from different conditions is an error.
+    R_i is the episode's reward sum after `KLPenaltyConnector` (r_i - alpha sum_k KL_k(behaviour)), so the score
+    part sees the future KL terms (MATH.md §5b). Columns written: ADVANTAGES (A_i per row), VALUE_TARGETS (R_i per
+    row, for RLlib's logging only) and, when alpha > 0, KL_LOSS_COEFF = alpha (G - 1) / (G scale_g): the mean baseline
+    scales the score part by (G - 1) / G in expectation (it holds R_i itself), and the direct term is scaled alike so
+    that the loss gradient is -(G - 1) / (G K scale_g) dJ/dtheta per group (tests/rllib/test_grpo.py pins it).
+    """
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, alpha: float, group_size: int,
+                 normalize_std: bool = True, eps: float = 1e-4, **kwargs: Any) -> None:
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self.alpha, self.group_size, self.normalize_std, self.eps = float(alpha), int(group_size), bool(normalize_std), float(eps)
+
+    def __call__(self, *, rl_module, batch, episodes, metrics=None, **kwargs):
+        lens = [len(e) for e in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False)]
+        G = self.group_size
+        for mid, mb in batch.items():
+            module = _unwrapped(rl_module[mid])
+            if Columns.REWARDS not in mb or not isinstance(module, DriftPolicyModule):
+                continue
+            if len(lens) % G or sum(lens) != mb[Columns.REWARDS].shape[0]:
+                raise ValueError(f"GRPO got {len(lens)} episodes ({sum(lens)} rows for {mb[Columns.REWARDS].shape[0]} in the "
+                                 f"batch): not whole groups of {G} consecutive episodes; keep episodes_per_iteration and "
+                                 "num_envs multiples of group_size and num_learners <= 1")
+            counts = torch.as_tensor(lens, device=mb[Columns.REWARDS].device)
+            episode = torch.repeat_interleave(torch.arange(len(lens), device=counts.device), counts)  # (rows,)
+            rewards = mb[Columns.REWARDS].double()
+            returns = torch.zeros(len(lens), dtype=torch.float64, device=rewards.device).index_add_(0, episode, rewards)
+            self._check_groups(mb[Columns.OBS], counts, module)
+            adv, scale = group_advantages(returns, G, self.normalize_std, self.eps)  # (E,), (E,)
+            dtype = mb[Columns.REWARDS].dtype
+            mb[Postprocessing.ADVANTAGES] = adv[episode].to(dtype)
+            mb[Postprocessing.VALUE_TARGETS] = returns[episode].to(dtype)
+            if self.alpha > 0:
+                mb[KL_LOSS_COEFF] = (self.alpha * (G - 1) / G / scale[episode]).to(dtype)
+            if metrics is not None:
+                metrics.log_value((mid, GROUP_RETURN_STD), float(returns.reshape(-1, G).std(dim=1).mean()), window=1)
+        return batch
+
+    def _check_groups(self, obs: torch.Tensor, counts: torch.Tensor, module) -> None:
+        """Raises unless the G episodes of every group start from the same condition (obs columns after k/K)."""
+        if module.cond_dim == 0:
+            return
+        starts = torch.cumsum(counts, 0) - counts  # first row of each episode
+        cond = obs[starts, module.event_dim + 1 :].reshape(-1, self.group_size, module.cond_dim)  # (groups, G, C)
+        bad = (cond != cond[:, :1]).any(dim=2).any(dim=1).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"GRPO group {int(bad[0])} (episodes {int(bad[0]) * self.group_size}..) holds episodes of "
+                             "different conditions; the env must give each run of group_size consecutive sub-envs one "
+                             "condition (conditions drawn per group, not per trajectory)")

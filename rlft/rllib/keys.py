@@ -35,6 +35,9 @@ SHAPING = "shaping"
 SHAPING_COEFF = "shaping_coeff"
 NFE_COST = "nfe_cost"
 SEED = "seed"
+GROUP_SIZE = "group_size"  # GRPO: trajectories per group (per condition)
+NORMALIZE_STD = "normalize_std"  # GRPO: divide by the group's std
+STD_EPS = "std_eps"  # GRPO: added to the group's std
 
 # -- model_config keys (RLModules) and shared learner_config_dict sizes --------------------------------------
 STDS = "stds"  # s_k, (K,)
@@ -47,10 +50,12 @@ NUM_FREQS = "num_freqs"
 INIT_DENOISE_PROB = "init_denoise_prob"
 MODEL = "model"  # the typed model config as a mapping (`rlft.config.model_config_to_dict`)
 LORA = "lora"
+VALUE_NET = "value_net"  # False: a drift policy without a value network (GRPO: no critic)
 
 # -- metric keys ---------------------------------------------------------------------------------------------
 KL_TO_PRETRAINED = "kl_to_pretrained"  # mean per-step KL of the batch under the current policy
 PATH_KL = "path_kl"  # mean per-episode sum of KL_k under the behaviour policy
+GROUP_RETURN_STD = "group_return_std"  # GRPO: mean over groups of the std of R_i within a group
 DISC_LOSS = "disc_loss"
 DISC_ACCURACY = "disc_accuracy"
 FPG_REWARD = "fpg_reward_mean"

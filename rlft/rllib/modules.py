@@ -36,6 +36,7 @@ from rlft.models.nets import linear_time_features, mlp
 from rlft.rllib.drift_mean import DEFAULT_HIDDEN, DEFAULT_NUM_FREQS, DEFAULT_NUM_LAYERS, drift_mean_parts
 from rlft.rllib.keys import (
     EVENT_DIM, HIDDEN, INIT_DENOISE_PROB, LOGITS, LORA, MEAN_SCALE, MODEL, NUM_FREQS, NUM_LAYERS, NUM_STEPS, STDS,
+    VALUE_NET,
 )
 from rlft.sampling import Control
 
@@ -87,7 +88,7 @@ class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.register_buffer("time_table", time_table, persistent=False)  # (K+1, 1 + 2F)
         inp = self.event_dim + 1 + 2 * self.num_freqs + self.cond_dim
         hidden, layers = int(cfg.get(HIDDEN, DEFAULT_HIDDEN)), int(cfg.get(NUM_LAYERS, DEFAULT_NUM_LAYERS))
-        if not self.inference_only:
+        if not self.inference_only and cfg.get(VALUE_NET, True):  # value_net False: no critic (GRPO)
             self.value_net = mlp(inp, hidden, layers, 1)
 
     def get_non_inference_attributes(self) -> list[str]:
@@ -115,6 +116,9 @@ class DriftPolicyModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         return {Columns.ACTION_DIST_INPUTS: torch.cat([mean, log_std[:, None].expand_as(mean)], dim=-1)}
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        if "value_net" not in self._modules:
+            raise RuntimeError("this drift policy was built without a value network (model_config value_net: False, as "
+                               "GRPO builds it); its learner must not ask for values (use_critic=False, no GAE)")
         return self.value_net(self.features(batch[Columns.OBS])).squeeze(-1)
 
 
