@@ -42,6 +42,8 @@ _TABLE: dict[str, dict[str, str]] = {
         "digit_classifier": "rlft.tasks.digits:DigitClassifierReward",
         "tfbind8_exact": "rlft.tasks.tfbind8:TFBind8ExactReward",
         "tfbind8_learned": "rlft.tasks.tfbind8:TFBind8LearnedReward",
+        "reward_pool": "rlft.rewards.remote:RewardPool",
+        "http": "rlft.rewards.http:HTTPReward",
     },
     "model": {
         "gmm": "rlft.models.gmm:build_gmm_model",
