@@ -101,7 +101,7 @@ class RunConfig:
     """Iterations between Tune checkpoints (per trial); 0 = only at the end. Iteration rows are reported
     with the next checkpoint, so a trial restored from it never reports an iteration twice."""
     keep_checkpoints: int = 2
-    """Most recent checkpoints kept per trial (older ones are deleted by Tune)."""
+    """Checkpoints kept per trial: the best by J (`rlft.run.results` names the best) and, always, the latest."""
     storage_path: str = "~/rlft_results"
     """Where experiments are written: a local directory (made absolute) or a cloud URI (s3://, gs://);
     on a multi-node cluster use a cloud URI or a shared file system."""

@@ -51,6 +51,19 @@ def _fail(name: str, value: Any, rule: str, fix: str) -> None:
     raise ConfigError(f"learner.{name} {rule} (got {value!r}); {fix}")
 
 
+def lr_schedule(lr: float, lr_final: float | None, iterations: int, steps_per_iteration: int) -> float | list[list[float]]:
+    """RLlib's lr setting: `lr`, or a linear schedule reaching `lr_final` at the update of the last of `iterations`.
+
+    RLlib sets the lr of an update from the env steps sampled BEFORE it (the Learner's `after_gradient_based_update`
+    reads NUM_ENV_STEPS_SAMPLED_LIFETIME after each update, for the next), so iteration i (1-based) trains at
+    schedule((i - 1) S), S = env steps per iteration: the schedule ends at (iterations - 1) S, the same final value
+    whatever `run.iterations` is.
+    """
+    if lr_final is None:
+        return lr
+    return [[0, lr], [max(1, iterations - 1) * max(1, steps_per_iteration), lr_final]]
+
+
 @dataclass(frozen=True)
 class PPOOptions:
     """PPO settings shared by the RLlib learners (the YAML `learner:` keys besides `type`)."""
@@ -63,6 +76,9 @@ class PPOOptions:
     """Trajectories each EnvRunner simulates at once (when run.num_envs_per_env_runner is not set)."""
     lr: float = 3e-4
     """Adam learning rate of the policy and value networks."""
+    lr_final: float | None = None
+    """Learning rate of the last iteration, reached linearly from lr over run.iterations (`--iterations` rescales
+    the schedule); None: lr throughout."""
     num_epochs: int = 4
     """Passes of PPO over each iteration's batch."""
     minibatch_size: int = 4096
@@ -95,6 +111,8 @@ class PPOOptions:
         for name in ("lr", "clip_param"):
             if not getattr(self, name) > 0:
                 _fail(name, getattr(self, name), "must be > 0", f"use e.g. {name}: {getattr(type(self), name)}")
+        if self.lr_final is not None and not self.lr_final > 0:
+            _fail("lr_final", self.lr_final, "must be > 0 or null", "use e.g. lr_final: lr / 10, or null for a constant lr")
         if not 0.0 < self.gamma <= 1.0:
             _fail("gamma", self.gamma, "must be in (0, 1]", "use gamma: 1.0 (J sums rewards undiscounted)")
         if not 0.0 <= self.lambda_ <= 1.0:
@@ -193,7 +211,8 @@ class RLlibLearner(Learner):
         )
         config.train_batch_size_per_learner = max(1, self.episodes_per_iteration * steps_per_episode // max(1, run.num_learners))
         config.training(
-            gamma=o.gamma, lambda_=o.lambda_, lr=o.lr, num_epochs=o.num_epochs,
+            gamma=o.gamma, lambda_=o.lambda_, num_epochs=o.num_epochs,
+            lr=lr_schedule(o.lr, o.lr_final, run.iterations, self.episodes_per_iteration * steps_per_episode),
             minibatch_size=min(o.minibatch_size, config.train_batch_size_per_learner), clip_param=o.clip_param,
             entropy_coeff=o.entropy_coeff, use_kl_loss=False, vf_clip_param=1e8, grad_clip=o.grad_clip,
         )

@@ -5,7 +5,9 @@
                   diversity, energy_distance, energy_distance_floor, ..., pretrained: {...}>,
                   iteration, reward_queries, wall_time, eval_iteration, train: {...}, config: {},
                   status, error, trial_path, checkpoint_path, history_path, optimal_reward, optimal_kl (exact
-                  target only), experiment_path, plots: {samples: PATH}}
+                  target only), best: {iteration, objective, reward, kl, gap_closure (where known), checkpoint}
+                  (the evaluated iteration with the highest J, and its checkpoint; null where it was not kept),
+                  experiment_path, plots: {samples: PATH}}
     rlft sweep:  {experiment_path, name, grid: {key: [values]}, num_trials, num_errors,
                   trials: [{config: {key: value}, <the per-trial keys above>}, ...] (grid order),
                   plots: {pareto: PATH, samples: PATH, "samples/<trial_id>": PATH, ...}}
@@ -30,7 +32,7 @@ from rlft.run.keys import (
     TRIAL_PATH, TRIALS,
 )
 from rlft.run.storage import join, uri, write_bytes
-from rlft.run.trial import read_checkpoint_state, read_samples
+from rlft.run.trial import BEST_SCORE, best_evaluated, read_checkpoint_state, read_history, read_samples
 from rlft.run_config import SweepGrid
 
 #: keys Tune adds to every result (left out of the final figures)
@@ -39,6 +41,8 @@ _TUNE_KEYS = {
     "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
     "iterations_since_restore", "experiment_tag", "timesteps_total", "episodes_total", "timesteps_since_restore",
 }
+BEST, CHECKPOINT = "best", "checkpoint"
+"""Key of a trial's best evaluated iteration, and of its checkpoint's path inside it."""
 # private keys of a trial dict (dropped from the summary)
 _SAMPLES, _TRIAL_ID, _ALPHA = "_samples", "_trial_id", "_alpha"
 
@@ -68,11 +72,31 @@ def collect_trials(results, grid: SweepGrid, grid_path: str = "") -> list[dict[s
                 if os.path.isfile(os.path.join(directory, HISTORY_FILE)):
                     trial[HISTORY_PATH] = join(trial[TRIAL_PATH], TRIAL_HISTORY_FILE)
                     write_bytes(trial[HISTORY_PATH], Path(directory, HISTORY_FILE).read_bytes())
+                    trial[BEST] = best_of(read_history(directory), _kept_checkpoints(result, grid_path))
                 samples = None if result.error else read_samples(directory)
                 if samples is not None:
                     trial[_SAMPLES] = samples
         trials.append(trial)
     return sorted(trials, key=lambda t: order.get(_key(t[CONFIG]), len(order)))
+
+
+def best_of(rows: list[dict[str, Any]], checkpoints: dict[int, str]) -> dict[str, Any] | None:
+    """The `best` entry: the evaluated row with the highest J (`rlft.run.trial.best_evaluated`), its figures and the
+    path of its checkpoint (`checkpoints`: iteration -> path of those Tune kept; None when that one was not kept)."""
+    row = best_evaluated(rows)
+    if row is None:
+        return None
+    best = {ITERATION: row[ITERATION], **{k: row[k] for k in (BEST_SCORE, REWARD, KL, GAP_CLOSURE) if k in row}}
+    return {**best, CHECKPOINT: checkpoints.get(row[ITERATION])}
+
+
+def _kept_checkpoints(result, grid_path: str) -> dict[int, str]:
+    """iteration -> path (a URI on cloud storage) of every checkpoint Tune kept for the trial."""
+    out = {}
+    for ckpt, metrics in getattr(result, "best_checkpoints", None) or []:
+        if isinstance((metrics or {}).get(ITERATION), int):
+            out[metrics[ITERATION]] = uri(ckpt.path, grid_path)
+    return out
 
 
 def make_plots(trials: list[dict[str, Any]], grid: SweepGrid, path: str) -> dict[str, str]:
@@ -141,10 +165,21 @@ def print_table(trials: list[dict[str, Any]], grid: SweepGrid, stream=None) -> N
     print("  ".join(h.rjust(w) for (_, h), w in zip(columns, widths)), file=stream)
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)), file=stream)
+    for t in trials:  # the rows are the last iteration; this names the best evaluated one
+        if t.get(BEST):
+            print(best_line(t[BEST], _label(t[CONFIG]) if grid.params else ""), file=stream)
     for t in trials:  # a failed trial: why, in one line, and where its full traceback is
         if t.get(STATUS) == ERRORED:
             where = os.path.join(t[TRIAL_PATH], "error.txt") if t.get(TRIAL_PATH) else "its trial directory"
             print(f"failed ({_label(t[CONFIG])}): {t.get(ERROR) or 'unknown error'}  [traceback: {where}]", file=stream)
+
+
+def best_line(best: dict[str, Any], label: str = "") -> str:
+    """One line naming the best evaluated iteration, its figures and its checkpoint."""
+    names = ((BEST_SCORE, "J"), (GAP_CLOSURE, "gap"), (REWARD, "reward"), (KL, "KL"))
+    figures = "  ".join(f"{name} {_cell(best[k])}" for k, name in names if k in best)
+    where = best.get(CHECKPOINT) or "not kept (raise run.keep_checkpoints)"
+    return f"best evaluated{f' ({label})' if label else ''}: iteration {best[ITERATION]}  {figures}  checkpoint: {where}"
 
 
 def _label(config: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -46,7 +47,7 @@ from rlft.learners import Learner, build_learner
 from rlft.models import DiffusionModel, build_model
 from rlft.rewards import build_reward, evaluate, prepare_reward_spec
 from rlft.run.keys import (
-    EVAL_ITERATION, HISTORY_FILE, ITERATION, ITERATION_TIME, LAST_EVAL, LEARNER_DIR, MANIFEST, OPTIMAL_KL,
+    EVAL_ITERATION, HISTORY_FILE, ITERATION, ITERATION_TIME, LAST_EVAL, LEARNER_DIR, MANIFEST, OBJECTIVE, OPTIMAL_KL,
     OPTIMAL_REWARD, REWARD_QUERIES, SAMPLES_FILE, SAMPLES_FINETUNED, SAMPLES_PRETRAINED, SAMPLES_TARGET, STATE_FILE,
     TASK_KEY, TRAIN, WALL_TIME,
 )
@@ -62,6 +63,8 @@ TRIAL_VERSION = 1
 """The newest checkpoint layout this code writes and reads (0: no format name, same files)."""
 PLOT_SAMPLES = 2000
 """Samples per cloud in the 2-D plots."""
+BEST_SCORE = OBJECTIVE
+"""The figure the best evaluated iteration maximises: J (gap closure orders iterations alike where J* is exact)."""
 
 
 def trial_task(config: dict[str, Any]) -> TaskConfig:
@@ -87,6 +90,7 @@ def trial_main(config: dict[str, Any]) -> None:
     learner = build_learner(task, model, reward)
     quiet_ray()  # again: RLlib installs its own log handler when the learner imports it
     state, history = _restore(learner, tune.get_checkpoint(), label)
+    best = best_evaluated(history)  # a new best evaluation is checkpointed (`rlft.run.results` names it)
     last_eval: dict[str, Any] = state.get(LAST_EVAL) or {}
     wall = float(state.get(WALL_TIME, 0.0))
     pending: list[dict[str, Any]] = []
@@ -100,6 +104,8 @@ def trial_main(config: dict[str, Any]) -> None:
         final = it >= run.iterations
         if not last_eval or it % run.eval_every == 0 or final:
             last_eval = {**learner.evaluate(num_samples=run.eval_samples), EVAL_ITERATION: it}
+            if best is None or last_eval.get(BEST_SCORE, -math.inf) > best.get(BEST_SCORE, -math.inf):
+                best = {ITERATION: it, **last_eval}
         elapsed = time.perf_counter() - start
         wall += elapsed
         log(progress.line(it, metrics, last_eval, last_eval.get(EVAL_ITERATION)))
@@ -108,7 +114,8 @@ def trial_main(config: dict[str, Any]) -> None:
             TRAIN: _numbers(metrics), **last_eval,
         })
         history.append(pending[-1])
-        if final or (run.checkpoint_every and it % run.checkpoint_every == 0):
+        at_best = best is not None and best[ITERATION] == it > 1  # not the first row: it only records the start
+        if final or at_best or (run.checkpoint_every and it % run.checkpoint_every == 0):
             samples, extra = _final_samples(learner) if final else ({}, {})
             state = {ITERATION: it, REWARD_QUERIES: int(learner.reward_queries), WALL_TIME: wall,
                      LAST_EVAL: last_eval, **extra}
@@ -120,6 +127,13 @@ def trial_main(config: dict[str, Any]) -> None:
             pending = []
         elif not run.checkpoint_every:  # no restore point between start and end: report at once
             tune.report(pending.pop())
+
+
+def best_evaluated(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluated row (its figures from its own iteration) with the highest J, or None (no evaluation yet)."""
+    evaluated = [r for r in rows
+                 if r.get(EVAL_ITERATION) == r.get(ITERATION) and isinstance(r.get(BEST_SCORE), (int, float))]
+    return max(evaluated, key=lambda r: r[BEST_SCORE], default=None)
 
 
 def _prepared_task(task: TaskConfig, model: DiffusionModel) -> TaskConfig:

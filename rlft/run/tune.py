@@ -152,7 +152,9 @@ def run_experiment(data: dict, run: RunConfig, grid: SweepGrid, path: str, resum
                 name=name,
                 storage_path=run.storage_path,
                 callbacks=callbacks(run, name),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                # keep the best run.keep_checkpoints by J (the report names the best one) and, always, the latest
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=run.keep_checkpoints, checkpoint_score_attribute=OBJECTIVE,
+                                                        checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=run.max_failures),
                 verbose=0,
             ),
