@@ -96,7 +96,7 @@ def load(path: str | Path) -> FineTuned:
     if state.get("format") == RLLIB_FORMAT:
         control, init = _rllib_control(learner_dir, state, task, base), None
     else:
-        learner = build_learner(task, base, build_reward(task.reward, model=base))
+        learner = build_learner(task, base, build_reward(task.reward, model=base) if task.reward is not None else None)
         learner.load_checkpoint(str(learner_dir))
         control, init = learner.control(), learner.init_dist()
     if control is None:

@@ -284,8 +284,9 @@ class TaskConfig:
 
     model: ModelConfig
     """The pretrained diffusion model."""
-    reward: dict[str, Any]
-    """The reward: {type: NAME or "module:attr", **constructor arguments}."""
+    reward: dict[str, Any] | None = None
+    """The reward: {type: NAME or "module:attr", **constructor arguments}; None only for a learner that needs none
+    (its class says `needs_reward = False`, e.g. smeme; checked by `rlft.learners.check_reward_needed`)."""
     alpha: float = 1.0
     """KL weight alpha > 0 of the entropy-regularised objective (alpha = 0 only with learner no_kl)."""
     num_steps: int = 100
@@ -310,7 +311,7 @@ class TaskConfig:
             raise ConfigError(f"alpha must be > 0 (got {self.alpha}); use alpha=0 only with learner type 'no_kl'")
         if self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1 (got {self.num_steps})")
-        if "type" not in self.reward:
+        if self.reward is not None and "type" not in self.reward:
             raise ConfigError("reward.type is required (e.g. quadratic, linear, or 'module:Class')")
 
 

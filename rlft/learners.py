@@ -39,6 +39,8 @@ class Learner(abc.ABC):
 
     Options: ClassVar[type] = NoOptions
     """The learner's typed, frozen options (the YAML `learner:` keys besides `type`)."""
+    needs_reward: ClassVar[bool] = True
+    """False for a learner whose task may leave out `reward:` (it gets reward None): S-MEME, discriminator guidance."""
 
     def __init__(self, task: TaskConfig, model: DiffusionModel, reward: Reward, options: Any = None) -> None:
         self.task = task
@@ -123,9 +125,19 @@ def check_learner_spec(spec: dict | None) -> tuple[type, Any]:
     return cls, parse_options(cls, params)
 
 
-def build_learner(task: TaskConfig, model: DiffusionModel, reward: Reward) -> Learner:
-    """Builds the learner `task.learner` names with its parsed options."""
+def check_reward_needed(cls: type, reward_spec: Any) -> None:
+    """Refuses a task without `reward:` unless its learner class says `needs_reward = False`."""
+    if reward_spec is None and getattr(cls, "needs_reward", True):
+        name = getattr(cls, "name", cls.__name__)
+        raise ConfigError(f"reward is required for learner {name!r} (the task has no `reward:` key); add one, e.g. "
+                          "reward: {type: quadratic, center: [0, 0], scale: 1.0} (only learners that need no reward, "
+                          "such as smeme or discriminator_guidance, run without it)")
+
+
+def build_learner(task: TaskConfig, model: DiffusionModel, reward: Reward | None) -> Learner:
+    """Builds the learner `task.learner` names with its parsed options (reward None only where it needs none)."""
     cls, options = check_learner_spec(task.learner)
+    check_reward_needed(cls, reward if reward is not None else task.reward)
     if _has_options(cls):
         return cls(task, model, reward, options)
     kwargs = dict(options)

@@ -28,6 +28,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "truncation": "rlft.control.baselines:TruncationLearner",
         "random_k": "rlft.control.baselines:RandomKLearner",
         "adjoint_matching": "rlft.control.adjoint_matching:AdjointMatchingLearner",
+        "smeme": "rlft.control.smeme:SMEMELearner",
         "ppo_kl": "rlft.rllib.ppo_kl:PPOKL",
         "fpg": "rlft.rllib.fpg:FPGLearnerAdapter",
         "grpo": "rlft.rllib.grpo:GRPO",

@@ -46,7 +46,7 @@ import yaml
 import rlft.registry as registry
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict, load_yaml, task_from_dict
 from rlft.conditions import conditions_of
-from rlft.learners import check_learner_spec
+from rlft.learners import check_learner_spec, check_reward_needed
 from rlft.rewards.base import POOL_KEYS, pool_spec
 from rlft.rewards.f_regularised import check_task_alpha
 from rlft.rewards.remote import RewardPool, check_pool_options
@@ -263,9 +263,11 @@ def check_components(task: TaskConfig) -> None:
     the registry and the other keys are parsed into the learner's frozen `Options` dataclass, so an unknown
     key or a bad value fails here, before Ray starts, with its path (`learner.<key>`) in the message.
     """
-    check_reward_spec(task.reward)
-    check_task_alpha(task.reward, task.alpha)
-    check_learner_spec(task.learner)
+    cls, _ = check_learner_spec(task.learner)
+    check_reward_needed(cls, task.reward)  # a task without `reward:` only for a learner that needs none
+    if task.reward is not None:
+        check_reward_spec(task.reward)
+        check_task_alpha(task.reward, task.alpha)
     conditions_of(task)  # a malformed `conditions:` section fails here, before Ray starts
 
 

@@ -71,7 +71,7 @@ MAX_LINES = 420
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("rlft.config", "rlft.files", "rlft.registry", "rlft.checkpoint", "rlft.schedule", "rlft.data",
                     "rlft.conditions")),
-    ("chain", ("rlft.models", "rlft.sampling", "rlft.divergences", "rlft.metrics")),
+    ("chain", ("rlft.models", "rlft.sampling", "rlft.divergences", "rlft.metrics", "rlft.entropy")),
     ("rewards", ("rlft.rewards",)),
     ("tasks", ("rlft.tasks", "rlft.evaluation", "rlft.plots")),
     ("protocol", ("rlft.learners", "rlft.run_config")),

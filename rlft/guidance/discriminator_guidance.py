@@ -23,8 +23,8 @@ last `holdout` rows are held out). Model samples (label 0) are the pretrained ch
 reports the energy distance of refined samples to held-out data with its floor, the same for the uncorrected
 model under `pretrained`, and, for mixture data, the discriminator-adjusted score error E_phi (BOOST Thm 4,
 `score_error`) against the uncorrected model's E_theta; its `objective` is minus the energy distance (no reward).
-The task format still requires a `reward:` section, which this learner ignores (e.g. `{type: linear, direction:
-[0, 0]}`); `alpha` is unused. Chains without `LevelCoefficients` (diffusers UNets) are not supported yet.
+A task for it needs no `reward:` (`needs_reward = False`; one given is ignored); `alpha` is unused. Chains without
+`LevelCoefficients` (diffusers UNets) are not supported yet.
 """
 
 from __future__ import annotations
@@ -185,6 +185,7 @@ class DiscriminatorGuidanceLearner(DifferentiableLearner):
     Options: ClassVar[type] = DiscriminatorGuidanceOptions
     name: ClassVar[str] = "discriminator_guidance"
     checkpoint_format: ClassVar[str] = "rlft-discriminator-guidance"
+    needs_reward: ClassVar[bool] = False  # data, not a reward, define the correction
     checkpoint_version: ClassVar[int] = 1
     architecture_options: ClassVar[tuple[str, ...]] = ("hidden", "depth", "time_frequencies")
 

@@ -86,7 +86,7 @@ def trial_main(config: dict[str, Any]) -> None:
     torch.manual_seed(task.seed)
     model = build_model(task.model, task.num_steps).to(device=_trial_device(run))
     task = _prepared_task(task, model)
-    reward = build_reward(task.reward, model=model).to(model.device)
+    reward = build_reward(task.reward, model=model).to(model.device) if task.reward is not None else None  # smeme, DG
     learner = build_learner(task, model, reward)
     quiet_ray()  # again: RLlib installs its own log handler when the learner imports it
     state, history = _restore(learner, tune.get_checkpoint(), label)
@@ -140,6 +140,8 @@ def _prepared_task(task: TaskConfig, model: DiffusionModel) -> TaskConfig:
     """The task with an f-regularised reward's lambda solved once, here, and written into its reward spec
     (`prepare_reward_spec`), so the reward, the learner and every process it starts (RLlib env runners) reuse
     it instead of re-solving it from `num_samples` pretrained rollouts each."""
+    if task.reward is None:  # a learner that needs no reward (checked before Ray starts)
+        return task
     return dataclasses.replace(task, reward=prepare_reward_spec(task.reward, model, task.alpha))
 
 
