@@ -25,6 +25,7 @@ from rlft.learners import check_learner_spec
 from rlft.run.keys import OBJECTIVE, TASK_KEY
 from rlft.run.storage import log
 from rlft.run.quiet import quiet_ray
+import rlft.run.rows as rows
 from rlft.run.trial import trial_main, trial_task
 from rlft.run_config import RunConfig, SweepGrid, run_config_of
 
@@ -210,6 +211,8 @@ def _keep_local_logs(base: type) -> type:
     driver syncs only every few checkpoints: rows logged since the last sync would vanish although the
     trial restarts from a later checkpoint. The driver's local file is complete, so it is kept; after a
     driver restart (`--resume`) there is none and the copy in storage is used, as Tune does.
+    And a row for an iteration the file already holds (a trial restarted from an older checkpoint than its
+    last row) replaces the rows from that iteration on (`rlft.run.rows`): every iteration exactly once.
     """
     if base not in _KEEP_LOCAL:
 
@@ -218,6 +221,15 @@ def _keep_local_logs(base: type) -> type:
                 if trial.local_path and os.path.exists(os.path.join(trial.local_path, file_name)):
                     return
                 super()._restore_from_remote(file_name, trial)
+
+            def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+                # a re-run iteration (restart from an older checkpoint) replaces its first run's row: each once
+                it = result.get(rows.ITERATION)
+                path = os.path.join(trial.local_path or "", self._SAVED_FILE_TEMPLATES[0])
+                if isinstance(it, int) and trial.local_path and rows.last_iteration(path) >= it:
+                    self.log_trial_end(trial)  # closes the open file (reopened by the base on the next row)
+                    rows.drop_rows_from(path, it)
+                super().log_trial_result(iteration, trial, result)
 
         KeepLocal.__name__ = KeepLocal.__qualname__ = f"KeepLocal{base.__name__}"
         _KEEP_LOCAL[base] = KeepLocal

@@ -54,10 +54,11 @@ def _config(tmp_path: Path) -> str:
     return str(path)
 
 
-def _run_until_first_rows(config: str, address: str, sig: int, timeout: float = 180.0) -> tuple[int, str]:
+def _run_until_first_rows(config: str, address: str, sig: int, timeout: float = 180.0,
+                          command: str = "train") -> tuple[int, str]:
     """Starts `rlft train config` in a subprocess, sends `sig` once the second iteration row is printed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlft.cli", "train", config, "--address", address], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rlft.cli", command, config, "--address", address], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, sent, deadline = [], False, time.monotonic() + timeout
     try:
@@ -70,7 +71,7 @@ def _run_until_first_rows(config: str, address: str, sig: int, timeout: float = 
                 break
             lines.append(line)
             # after iteration 2's row, iteration 1's checkpoint is surely written (report() returned)
-            if not sent and f"] 2/{ITERATIONS}  " in line  # the progress line of iteration 2 (rlft.run.progress):
+            if not sent and f"] 2/{ITERATIONS}  " in line:  # iteration 2's progress line (rlft.run.progress)
                 proc.send_signal(sig)
                 sent = True
         code = proc.wait(timeout=60)
@@ -109,3 +110,25 @@ def test_sigterm_exits_143(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     code, out = _run_until_first_rows(_config(tmp_path), address, signal.SIGTERM)
     assert code == 143 and "interrupted by SIGTERM" in out and "--resume --name stopped" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_exits_130_and_resume_finishes_every_trial(ray_session, tmp_path, capsys):
+    config = _config(tmp_path)
+    data = yaml.safe_load(Path(config).read_text())
+    data["sweep"] = {"alpha": [0.5, 1.0]}
+    data["run"]["max_concurrent_trials"] = 1  # one trial at a time: the second has not started when the signal lands
+    Path(config).write_text(yaml.safe_dump(data))
+    address = ray_session.get_runtime_context().gcs_address
+    code, out = _run_until_first_rows(config, address, signal.SIGINT, command="sweep")
+    assert code == 130, out[-3000:]
+    resume = f"rlft sweep {config} --resume --name stopped"
+    assert "interrupted by SIGINT" in out and resume in out and "Tuner.restore(" not in out
+    assert not (tmp_path / "results" / "stopped" / "rlft_results.json").exists()
+    assert cli.main(resume.split()[1:] + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_trials"] == 2 and result["num_errors"] == 0
+    for trial in result["trials"]:
+        assert trial[STATUS] == TERMINATED and trial[ITERATION] == ITERATIONS
+        rows = [json.loads(line) for line in Path(trial[TRIAL_PATH], "result.json").read_text().splitlines() if line.strip()]
+        assert [r[ITERATION] for r in rows] == list(range(1, ITERATIONS + 1))  # every iteration exactly once
