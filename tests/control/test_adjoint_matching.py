@@ -254,3 +254,33 @@ def test_a_lora_adapter_on_a_diffusers_chain_is_the_control():
     metrics = lrn.update()
     assert metrics["grad_norm"] > 0 and lrn.reward_queries == 2
     assert any(not torch.equal(p, q) for p, q in zip(lrn._drift_params, before))
+
+
+# -- the bench (rlft bench adjoint-matching) ---------------------------------------------------------------------
+
+
+def test_bench_memory_probe_and_tables(tmp_path):
+    """The memory probe runs in process for each method; the tables and the PNG take the rows the sections write."""
+    import io
+
+    from rlft.benchmarks import adjoint_matching as bench
+
+    rows = [bench.memory_probe(10, method, 4, 1) for method in bench.MEMORY_METHODS]
+    # peak_mb: ru_maxrss above the resident size before; a few hundred KB below 0 where the updates added nothing
+    assert all(r["ok"] and r["peak_mb"] > -1.0 and r["s_per_update"] > 0 for r in rows), rows
+    per_k = {str(K): {m: {"peak_mb": 1.0 + i, "s_per_update": 0.1} for i, m in enumerate(bench.MEMORY_METHODS)}
+             for K in bench.MEMORY_STEPS}
+    curve = [{"iteration": i, "reward_queries": 256 * i, "train_time_s": float(i), "gap_closure": g}
+             for i, g in ((1, 0.3), (2, 0.6), (3, 0.96))]
+    quality = [{"task": "2d", "alpha": 1.0, "learner": "adjoint_matching", "gap_closure": 0.96, "ed_over_floor": 1.2,
+                "kl": 1.3, "train_time_s": 3.0, "curve": curve,
+                **{f"queries_to_{p}pct": q for p, q in ((50, 512), (90, 768), (95, 768))},
+                **{f"time_to_{p}pct_s": t for p, t in ((50, 2.0), (90, 3.0), (95, 3.0))}},
+               {"task": "2d", "alpha": 1.0, "learner": "ppo_kl", "error": "RuntimeError: no Ray"}]
+    out = io.StringIO()
+    bench.print_tables({"memory": {"per_K": per_k, "batch_size": 4, "peak_ratio_K1000_over_K50": {"backprop": 1.0}},
+                        "quality": quality}, out)
+    text = out.getvalue()
+    assert "768" in text and "no Ray" in text and "1000" in text
+    assert (tmp_path / "adjoint_matching_quality.png").name in bench.make_plot(quality, str(tmp_path))
+    assert bench.rllib_first(curve, 0.9)["reward_queries"] == 768  # the first evaluation at or above the threshold
