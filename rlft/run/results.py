@@ -8,6 +8,9 @@
                   target only), best: {iteration, objective, reward, kl, gap_closure (where known), checkpoint}
                   (the evaluated iteration with the highest J, and its checkpoint; null where it was not kept),
                   experiment_path, plots: {samples: PATH}}
+                 a conditional task (`conditions:`): the figures are means over its training conditions, and
+                  heldout: {the same, over the held-out ones}, per_condition: {"train_i" | "eval_i": {condition, ...}}
+                  are added (`rlft.evaluation.evaluate_conditional`)
     rlft sweep:  {experiment_path, name, grid: {key: [values]}, num_trials, num_errors,
                   trials: [{config: {key: value}, <the per-trial keys above>}, ...] (grid order),
                   plots: {pareto: PATH, samples: PATH, "samples/<trial_id>": PATH, ...}}
@@ -27,7 +30,7 @@ import rlft.plots as plots
 from rlft.run.keys import (
     CHECKPOINT_PATH, CONFIG, DIVERSITY, ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, ERROR, ERRORED, EXPERIMENT_PATH,
     GAP_CLOSURE, GRID, HISTORY_FILE, HISTORY_PATH, ITERATION, KL, NAME, NUM_ERRORS, NUM_TRIALS, OBJECTIVE,
-    OPTIMAL_KL, OPTIMAL_OBJECTIVE, OPTIMAL_REWARD, PARETO, PLOTS, PLOTS_DIR, PRETRAINED, REWARD, SAMPLES,
+    OPTIMAL_KL, OPTIMAL_OBJECTIVE, OPTIMAL_OBJECTIVE_EXACT, OPTIMAL_OBJECTIVE_SE, OPTIMAL_REWARD, PARETO, PLOTS, PLOTS_DIR, PRETRAINED, REWARD, SAMPLES,
     SAMPLES_FINETUNED, SAMPLES_PRETRAINED, SAMPLES_TARGET, STATUS, TASK_KEY, TERMINATED, TRIAL_HISTORY_FILE,
     TRIAL_PATH, TRIALS,
 )
@@ -160,7 +163,8 @@ def print_table(trials: list[dict[str, Any]], grid: SweepGrid, stream=None) -> N
         (OPTIMAL_OBJECTIVE, "J*"), (GAP_CLOSURE, "gap"), (ENERGY_DISTANCE, "E-dist"),
         (ENERGY_DISTANCE_FLOOR, "floor"), (DIVERSITY, "div"),
     ]
-    rows = [[_cell(t[CONFIG].get(k) if k in grid.params else t.get(k)) for k, _ in columns] for t in trials]
+    rows = [[_j_star_cell(t) if k == OPTIMAL_OBJECTIVE else _cell(t[CONFIG].get(k) if k in grid.params else t.get(k))
+             for k, _ in columns] for t in trials]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, (_, h) in enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h), w in zip(columns, widths)), file=stream)
     for r in rows:
@@ -168,6 +172,12 @@ def print_table(trials: list[dict[str, Any]], grid: SweepGrid, stream=None) -> N
     for t in trials:  # the rows are the last iteration; this names the best evaluated one
         if t.get(BEST):
             print(best_line(t[BEST], _label(t[CONFIG]) if grid.params else ""), file=stream)
+    kinds = {t.get(OPTIMAL_OBJECTIVE_EXACT) for t in trials if t.get(OPTIMAL_OBJECTIVE) is not None} - {None}
+    if kinds:
+        print("J*: " + " / ".join(sorted(
+            ["exact (closed form for this model and reward)"] * (True in kinds)
+            + ["estimated, ± its s.e.: alpha log-mean-exp(r/alpha) over pretrained samples, so gap is estimated too"]
+            * (False in kinds))), file=stream)
     for t in trials:  # a failed trial: why, in one line, and where its full traceback is
         if t.get(STATUS) == ERRORED:
             where = os.path.join(t[TRIAL_PATH], "error.txt") if t.get(TRIAL_PATH) else "its trial directory"
@@ -188,6 +198,14 @@ def _label(config: dict[str, Any]) -> str:
 
 def _key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
+
+
+def _j_star_cell(trial: dict[str, Any]) -> str:
+    """J*, with '± s.e.' when it is a Monte-Carlo estimate (`optimal_objective_exact` False)."""
+    v, se = trial.get(OPTIMAL_OBJECTIVE), trial.get(OPTIMAL_OBJECTIVE_SE)
+    if v is None or trial.get(OPTIMAL_OBJECTIVE_EXACT, True) or se is None:
+        return _cell(v)
+    return f"{_cell(v)}±{se:.2g}"
 
 
 def _cell(v: Any) -> str:

@@ -115,3 +115,16 @@ def test_submit_does_not_retry_a_real_refusal():
     with pytest.raises(JobsError, match="refused the job"):
         submit_with_retries(send, "http://h:8265", lambda m: None, sleep=lambda s: None)
     assert calls == [1]
+
+
+def test_j_star_is_labelled_exact_or_estimated_with_its_se():
+    rows = [{"config": {"alpha": 1.0}, "status": "TERMINATED", "optimal_objective": -2.0365,
+             "optimal_objective_exact": True, "optimal_objective_se": 0.0},
+            {"config": {"alpha": 0.1}, "status": "TERMINATED", "optimal_objective": 0.8123,
+             "optimal_objective_exact": False, "optimal_objective_se": 0.0042}]
+    out = io.StringIO()
+    print_table(rows, SweepGrid({"alpha": [1.0, 0.1]}), stream=out)
+    text = out.getvalue()
+    assert "-2.036 " in text or text.split("\n")[1].rstrip().endswith("-") or "-2.036" in text
+    assert "0.8123±0.0042" in text
+    assert "exact (closed form" in text and "estimated, ± its s.e." in text
