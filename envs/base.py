@@ -26,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rlft.conditions import Conditions, parse_conditions
 from rlft.config import ConfigError, TaskConfig, load_task, task_from_dict
 from rlft.models import build_model
 from rlft.models.base import DiffusionModel
@@ -38,6 +39,9 @@ Cond = torch.Tensor | Callable[[int, torch.Generator], torch.Tensor]
 
 #: Keys every env config accepts (what RLlib passes as ``env_config``); each env adds its own.
 COMMON_CONFIG_KEYS = ("task", "num_envs", "device", "seed", "cond")
+#: Keys of an env that draws a conditional task's training conditions (`BatchedDiffusionEnv` ``conditions=``,
+#: ``group_size=``; the drift env takes them).
+CONDITION_CONFIG_KEYS = ("conditions", "group_size")
 
 
 def build_task_objects(task: TaskConfig | Mapping | str | os.PathLike) -> tuple[TaskConfig, DiffusionModel, Reward]:
@@ -100,6 +104,8 @@ class BatchedDiffusionEnv(gym.vector.VectorEnv):
         cond: Cond | list | None = None,
         device: str | torch.device | None = None,
         seed: int | None = None,
+        conditions: Conditions | Mapping | None = None,
+        group_size: int | None = None,
     ) -> None:
         if task is not None:
             if model is not None or reward is not None:
@@ -128,6 +134,11 @@ class BatchedDiffusionEnv(gym.vector.VectorEnv):
         self.generator = torch.Generator(device=self.device)
         self._default_seed = seed
         self._seeded = False
+        self.conditions = self._task_conditions(conditions)
+        if cond is None and self.conditions is not None:  # a conditional task: draw its TRAINING conditions
+            cond = self._condition_sampler(self.conditions, group_size)
+        self.cond_shape = model.cond_shape if model.cond_shape is not None else (
+            self.conditions.shape if self.conditions is not None else None)  # a conditional model's, or the reward's
         self._cond_source, self.cond_dim = self._check_cond(cond)
         self.cond: torch.Tensor | None = None  # (B, *cond_shape) of the current episodes
         self._cond_np: np.ndarray | None = None  # (B, C) float32 copy for observations
@@ -146,11 +157,30 @@ class BatchedDiffusionEnv(gym.vector.VectorEnv):
             self.generator.manual_seed(int(seed))
             self._seeded = True
 
+    def _task_conditions(self, conditions: Conditions | Mapping | None) -> Conditions | None:
+        """`conditions` (parsed with the task's seed when a mapping), else the task's own `conditions:`, else None."""
+        if isinstance(conditions, Conditions):
+            return conditions
+        spec = conditions if conditions is not None else getattr(self.task, "conditions", None)
+        return None if spec is None else parse_conditions(dict(spec), int(getattr(self.task, "seed", 0) or 0))
+
+    def _condition_sampler(self, conditions: Conditions, group_size: int | None) -> Callable:
+        """cond(n, generator): n training conditions (never held-out ones), one per trajectory, or with group_size G
+        n / G distinct ones each given to G consecutive sub-envs (GRPO's groups, `Conditions.groups`)."""
+        if group_size is None:
+            return lambda n, generator: conditions.sample(n, generator)
+        G = int(group_size)
+        if G < 1 or self.num_envs % G:
+            raise ValueError(f"group_size must divide num_envs = {self.num_envs} (got {group_size}): every reset draws "
+                             "num_envs / group_size conditions, each for group_size consecutive sub-envs")
+        return lambda n, generator: conditions.groups(n // G, G, generator)[1]
+
     def _check_cond(self, cond: Cond | list | None) -> tuple[Any, int]:
-        cond_shape = self.model.cond_shape
+        cond_shape = self.cond_shape
         if cond_shape is None:
             if cond is not None:
-                raise ValueError(f"cond was given but the model {type(self.model).__name__} is unconditional; pass cond=None")
+                raise ValueError(f"cond was given but the model {type(self.model).__name__} is unconditional (and the "
+                                 "task declares no conditions); pass cond=None")
             return None, 0
         if cond is None:
             raise ValueError(
@@ -190,9 +220,9 @@ class BatchedDiffusionEnv(gym.vector.VectorEnv):
         else:
             n = self.num_envs if idx is None else len(idx)
             new = source(n, self.generator).to(device=self.device, dtype=self.model.dtype)
-            if tuple(new.shape) != (n, *self.model.cond_shape):
+            if tuple(new.shape) != (n, *self.cond_shape):
                 raise ValueError(
-                    f"the cond sampler must return shape ({n}, {', '.join(map(str, self.model.cond_shape))}) (got {tuple(new.shape)})"
+                    f"the cond sampler must return shape ({n}, {', '.join(map(str, self.cond_shape))}) (got {tuple(new.shape)})"
                 )
             if idx is None:  # a full reset always comes first
                 self.cond = new

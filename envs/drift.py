@@ -11,7 +11,11 @@ to the pretrained chain is |delta_theta|^2 / (2 s_k^2) (`rlft.sampling.step_kl`)
 same function `rlft.sampling.rollout` back-propagates through, so the RL and differentiable learners share
 one dynamics.
 
-Observation (float32 Box): [x_k flattened (D), k/K in [0, 1], conditioning flattened (C, conditional models only)].
+Observation (float32 Box): [x_k flattened (D), k/K in [0, 1], conditioning flattened (C, conditional models or tasks)].
+A conditional task (`rlft.conditions`: ``conditions: {train, eval}``) gives each trajectory a TRAINING condition at
+every reset (``group_size`` G: one condition per G consecutive sub-envs, GRPO's groups); held-out ones never
+appear. The reward gets the condition (`rlft.rewards.evaluate(reward, x, cond=c)`); the model only when it is
+conditional itself.
 Action (Box, unbounded): the flattened displacement a_k, shape (D,).
 Reward: 0 for k < K-1; r(x_K) (`rlft.rewards.evaluate`, checked) on the step that reaches x_K (terminated).
 Info per step: ``log_prob_pretrained`` = log N(a_k; 0, s_k^2 I) (`rlft.sampling.action_log_prob`) and ``std`` = s_k,
@@ -35,7 +39,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.base import BatchedDiffusionEnv, Cond, SingleTrajectoryEnv
+from envs.base import COMMON_CONFIG_KEYS, CONDITION_CONFIG_KEYS, BatchedDiffusionEnv, Cond, SingleTrajectoryEnv
+from rlft.conditions import Conditions
 from rlft.config import TaskConfig
 from rlft.models.base import DiffusionModel
 from rlft.rewards import Reward, evaluate
@@ -52,6 +57,8 @@ INIT_KL = "init_kl"
 class DenoisingDriftEnv(BatchedDiffusionEnv):
     """B trajectories of the pretrained chain, controlled through the displacement a_k = x_{k+1} - m_k(x_k)."""
 
+    config_keys = COMMON_CONFIG_KEYS + CONDITION_CONFIG_KEYS
+
     def __init__(
         self,
         model: DiffusionModel | None = None,
@@ -63,6 +70,8 @@ class DenoisingDriftEnv(BatchedDiffusionEnv):
         cond: Cond | list | None = None,
         device: str | torch.device | None = None,
         seed: int | None = None,
+        conditions: Conditions | Mapping | None = None,
+        group_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -73,8 +82,13 @@ class DenoisingDriftEnv(BatchedDiffusionEnv):
             cond: conditioning for conditional models (see `envs.base.Cond`).
             device: where the model runs ("cpu", "cuda"); the model's device when None.
             seed: seed of the first reset when `reset` gets none (fresh entropy when None).
+            conditions: a conditional task's conditions (`rlft.conditions.Conditions` or its mapping); the task's own
+                when None. Without ``cond``, each reset draws training conditions from them.
+            group_size: G, give each run of G consecutive sub-envs one condition (num_envs a multiple of G).
         """
-        super().__init__(model, reward, num_envs=num_envs, task=task, init=init, cond=cond, device=device, seed=seed)
+        super().__init__(model, reward, num_envs=num_envs, task=task, init=init, cond=cond, device=device, seed=seed,
+                         conditions=conditions, group_size=group_size)
+        self._model_cond = self.model.cond_shape is not None  # else only the reward takes the condition
         B, D, C = self.num_envs, self.event_dim, self.cond_dim
         low = np.concatenate([np.full(D, -np.inf), [0.0], np.full(C, -np.inf)]).astype(np.float32)  # k/K in [0, 1]
         high = np.concatenate([np.full(D, np.inf), [1.0], np.full(C, np.inf)]).astype(np.float32)
@@ -119,15 +133,15 @@ class DenoisingDriftEnv(BatchedDiffusionEnv):
         if not np.isfinite(log_prob).all():
             self._raise_if_not_finite(a_np)
         # x_{k+1} = m_k(x_k, c) + a_k: the core transition with delta = a_k and no extra noise
-        self.x = transition(self.model, k, self.x, delta=a, noise=self._zero_noise, cond=self.cond)
+        self.x = transition(self.model, k, self.x, delta=a, noise=self._zero_noise, cond=self.cond if self._model_cond else None)
         self.k = k + 1
         info = {LOG_PROB_PRETRAINED: log_prob, STD: np.full(B, std, dtype=self._np_dtype)}
         if self.k < self.num_steps:
             rewards = np.zeros(B, dtype=self._np_dtype)
         else:
-            rewards = evaluate(self.reward, self.x).detach().cpu().numpy()
+            rewards = evaluate(self.reward, self.x, cond=self.cond).detach().cpu().numpy()
             if getattr(self.reward, "has_true_reward", False):
-                info[TRUE_REWARD] = evaluate(self.reward, self.x, true=True).detach().cpu().numpy()
+                info[TRUE_REWARD] = evaluate(self.reward, self.x, true=True, cond=self.cond).detach().cpu().numpy()
             terminated[:] = True
             self._needs_reset = True
         return self._observe(), rewards, terminated, np.zeros(B, dtype=bool), info

@@ -28,6 +28,7 @@ Layout: `GRPOOptions` (config) -> `GRPOLearner` (PPO+KL's learner, GAE replaced 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ray.rllib.algorithms.ppo import PPOConfig
@@ -110,6 +111,8 @@ class GRPO(PPOKL):
 
     def build_config(self) -> PPOConfig:
         self.model_config = {**self.model_config, VALUE_NET: False}  # no critic: the group mean is the baseline
+        if self.conditions is not None:  # each group of G consecutive sub-envs shares one training condition
+            self.env = dataclasses.replace(self.env, env_kwargs={**self.env.env_kwargs, GROUP_SIZE: self.options.group_size})
         config = super().build_config()
         o = self.options
         config.learners(learner_class=GRPOLearner, learner_config_dict={

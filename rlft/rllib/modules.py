@@ -58,9 +58,11 @@ def drift_model_config(
             MEAN_SCALE: mean_scale, NUM_FREQS: int(num_freqs), **extra}
 
 
-def drift_spaces(model: DiffusionModel) -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    """The drift env's single observation (D + 1 + C,) and action (D,) spaces for a model (without an env)."""
-    D, C = model.event_dim, (math.prod(model.cond_shape) if model.cond_shape else 0)
+def drift_spaces(model: DiffusionModel, conditions: Any = None) -> tuple[gym.spaces.Box, gym.spaces.Box]:
+    """The drift env's single observation (D + 1 + C,) and action (D,) spaces for a model (without an env); C is the
+    model's cond size, else that of a conditional task's `rlft.conditions.Conditions` (reward-only conditioning)."""
+    D = model.event_dim
+    C = math.prod(model.cond_shape) if model.cond_shape else (conditions.dim if conditions is not None else 0)
     obs = gym.spaces.Box(-np.inf, np.inf, (D + 1 + C,), np.float32)
     return obs, gym.spaces.Box(-np.inf, np.inf, (D,), np.float32)
 

@@ -39,6 +39,7 @@ from ray.rllib.connectors.common.numpy_to_tensor import NumpyToTensor
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+from rlft.conditions import conditions_of
 from rlft.config import ConfigError, TaskConfig, model_config_to_dict
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward
@@ -139,9 +140,10 @@ class PPOKL(RLlibLearner):
             self.module_class = LoRAUNetPolicyModule
         self.model_config = drift_model_config([model.std(k) for k in range(model.num_steps)], hidden=o.hidden,
                                                num_layers=o.num_layers, mean_scale=o.mean_scale, **extra)
-        self.env = EnvSpec.of(o.env, task, model)
+        self.conditions = conditions_of(task)  # a conditional task: the env draws training conditions into the obs
+        self.env = EnvSpec.of(o.env, task, model, **({"conditions": task.conditions} if self.conditions is not None else {}))
         self.build()
-        obs_space, act_space = drift_spaces(model)
+        obs_space, act_space = drift_spaces(model, self.conditions)
         self._control_module = self.module_class(observation_space=obs_space, action_space=act_space, inference_only=True,
                                                  model_config=self.model_config)
 

@@ -249,3 +249,67 @@ def test_one_grpo_iteration_checkpoint_and_rlft_load(ray_session, tmp_path):
         learner.algo.stop()
     sampler = load(tmp_path)
     assert torch.allclose(sampler.control(3, x, None), expected, atol=1e-6)
+
+
+# -- conditions: the drift env draws training conditions per group; held-out ones never ----------------------------
+
+COND_TASK = {
+    "model": {"type": "gmm", "weights": [0.5, 0.5], "means": [[1.0, 1.0], [-1.0, -1.0]], "stds": [0.5, 0.5]},
+    "reward": {"type": "quadratic", "center": "condition", "scale": 1.0}, "alpha": 1.0, "num_steps": 4, "seed": 0,
+    "conditions": {"train": [[1.0, 0.5], [-1.0, 1.0], [0.5, -1.0]], "eval": [[0.0, 2.0], [2.0, 0.0]]},
+}
+
+
+def test_the_drift_env_gives_each_group_one_training_condition_and_the_reward_gets_it():
+    from envs.drift import DenoisingDriftEnv
+    from rlft.rewards import evaluate
+
+    env = DenoisingDriftEnv(task=COND_TASK, num_envs=12, group_size=4, seed=0)
+    train, held = env.conditions.train, env.conditions.eval
+    assert env.single_observation_space.shape == (2 + 1 + 2,)
+    seen = set()
+    obs, _ = env.reset(seed=0)
+    for _ in range(6):  # six rounds of K steps (NEXT_STEP autoreset draws new conditions)
+        cond = torch.as_tensor(obs[:, 3:])  # (B, 2)
+        groups = cond.reshape(3, 4, 2)
+        assert torch.equal(groups, groups[:, :1].expand(-1, 4, -1)), "a group's sub-envs must share their condition"
+        assert len({tuple(g[0].tolist()) for g in groups}) == 3, "3 groups <= 3 training conditions: all distinct"
+        is_train = (cond[:, None] == train[None]).all(-1).any(-1)
+        is_held = (cond[:, None] == held[None]).all(-1).any(-1)
+        assert is_train.all() and not is_held.any(), "only training conditions may be drawn in training"
+        seen |= {tuple(c) for c in cond.tolist()}
+        for _ in range(env.num_steps):
+            obs, reward, terminated, _, _ = env.step(env.pretrained_action())
+        x = env.x.clone()
+        expected = evaluate(env.reward, x, cond=cond.to(x.dtype))  # -|x - c|^2 / 2 at each row's own condition
+        assert np.allclose(reward, expected.numpy(), rtol=1e-5) and terminated.all()
+        assert np.allclose(reward, (-0.5 * ((x - cond.to(x.dtype)) ** 2).sum(-1)).numpy(), rtol=1e-5)
+        obs, *_ = env.step(np.zeros((12, 2), np.float32))  # the autoreset step
+    assert seen == {tuple(c) for c in train.tolist()}
+    with pytest.raises(ValueError, match="group_size must divide num_envs = 12"):
+        DenoisingDriftEnv(task=COND_TASK, num_envs=12, group_size=5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_grpo_on_a_conditional_task(ray_session):
+    """One iteration on a conditional task: the policy sees the condition (obs D + 1 + d), every batch group holds one
+    condition (the connector raises otherwise), and the control takes cond."""
+    from rlft.config import task_from_dict
+    from rlft.learners import build_learner
+    from rlft.models import build_model
+    from rlft.rewards import build_reward
+
+    task = task_from_dict({**COND_TASK, "learner": {
+        "type": "grpo", "group_size": 4, "episodes_per_iteration": 16, "num_envs": 16, "minibatch_size": 64, "num_epochs": 1,
+        "save_rllib_checkpoint": False}})
+    model = build_model(task.model, task.num_steps)
+    learner = build_learner(task, model, build_reward(task.reward, model=model))
+    try:
+        assert learner.env.env_kwargs[GROUP_SIZE] == 4 and learner.env.env_kwargs["conditions"] == COND_TASK["conditions"]
+        metrics = learner.train_iteration()
+        assert np.isfinite(metrics["group_return_std"]) and learner.reward_queries == 16
+        x, c = torch.randn(5, 2), torch.tensor([[1.0, 0.5]]).expand(5, 2)
+        assert learner.control()(1, x, c).shape == (5, 2)
+    finally:
+        learner.algo.stop()
