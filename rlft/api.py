@@ -37,6 +37,7 @@ from rlft.rewards import build_reward
 from rlft.rllib.drift_mean import DriftControl
 from rlft.rllib.keys import EVENT_DIM, HIDDEN, LORA, MEAN_SCALE, NUM_LAYERS, NUM_STEPS, STDS
 from rlft.run.keys import EXPERIMENT_FILE, LEARNER_DIR, STATE_FILE, TASK_KEY
+from rlft.run.storage import log
 from rlft.run.trial import read_checkpoint_state
 from rlft.run_config import apply_overrides
 from rlft.sampling import InitialDistribution, sample
@@ -131,6 +132,18 @@ def find_checkpoint(path: Path) -> tuple[Path, list[Path]]:
                           f"expected {EXPECTED}")
 
 
+def newest_good_checkpoints(experiment: Path) -> list[Path]:
+    """The newest checkpoint passing its manifest check of each trial of a local experiment folder."""
+    trials = sorted(p for p in experiment.iterdir() if p.is_dir() and _checkpoints(p)) if experiment.is_dir() else []
+    out = []
+    for trial in trials:
+        try:
+            out.append(_newest_good(trial))
+        except CheckpointError:
+            pass
+    return out
+
+
 def _checkpoints(trial: Path) -> list[Path]:
     """The trial's checkpoint_* directories, newest first."""
     found = [p for p in trial.glob("checkpoint_*") if p.is_dir() and re.fullmatch(r"checkpoint_\d+", p.name)]
@@ -146,6 +159,7 @@ def _newest_good(trial: Path) -> Path:
             return ckpt
         except CheckpointError as err:
             problems.append(str(err))
+            log(f"rlft.load: warning: skipping the damaged checkpoint {ckpt}: {err}")
     raise CheckpointError(f"no checkpoint of {trial} passes its manifest check: " + "; ".join(problems))
 
 

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "rlft.run.cli",  # rlft train / rlft sweep
     "rlft.run.jobs_cli",  # rlft submit / rlft jobs
     "rlft.run.sample_cli",  # rlft sample
+    "rlft.run.check",  # rlft check
 ]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import types
 import typing
@@ -26,6 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+#: most chain steps a task may ask for (beyond it the chain's tables alone would not fit in memory)
+MAX_NUM_STEPS = 100_000
 
 
 class ConfigError(ValueError):
@@ -209,6 +214,19 @@ class GMMModelConfig:
             raise ConfigError(f"model.weights has {len(self.weights)} entries but model.means has {len(self.means)} components")
         if isinstance(self.stds, list) and len(self.stds) != len(self.means):
             raise ConfigError(f"model.stds has {len(self.stds)} entries but model.means has {len(self.means)} components")
+        numbers = [*self.weights, *(self.stds if isinstance(self.stds, list) else [self.stds]), *sum(self.means, []),
+                   self.beta_min, self.beta_max]
+        if not all(math.isfinite(v) for v in numbers):
+            raise ConfigError("model: weights, means, stds, beta_min and beta_max must be finite numbers (one is NaN or inf)")
+        if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1.0) > 1e-6:
+            raise ConfigError(f"model.weights must be >= 0 and sum to 1 (got {self.weights}, sum {sum(self.weights):.6g}); "
+                              "divide each weight by their sum")
+        stds = self.stds if isinstance(self.stds, list) else [self.stds]
+        if any(not s > 0 for s in stds):
+            raise ConfigError(f"model.stds must be > 0 (got {self.stds}); a standard deviation is a positive number")
+        if not 0 < self.beta_min < self.beta_max:
+            raise ConfigError(f"model.beta_min and beta_max must satisfy 0 < beta_min < beta_max (got {self.beta_min}, "
+                              f"{self.beta_max}); the defaults are 0.1 and 20")
 
 
 @dataclass(frozen=True)
@@ -307,10 +325,13 @@ class TaskConfig:
     def __post_init__(self) -> None:
         # alpha = 0 is a learner's call (one that keeps the KL term rejects it when it is built: ELEGANT's
         # kl_penalty); without a learner it is an error here
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be a finite number > 0 (got {self.alpha}); e.g. alpha: 1.0")
         if self.alpha < 0 or (self.alpha == 0 and not self.learner):
             raise ConfigError(f"alpha must be > 0 (got {self.alpha}); use alpha=0 only with learner type 'no_kl'")
-        if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1 (got {self.num_steps})")
+        if not 1 <= self.num_steps <= MAX_NUM_STEPS:
+            rule = ">= 1" if self.num_steps < 1 else f"<= {MAX_NUM_STEPS}"
+            raise ConfigError(f"num_steps must be {rule} (got {self.num_steps}); chains use 10 to 1000 steps, e.g. num_steps: 100")
         if self.reward is not None and "type" not in self.reward:
             raise ConfigError("reward.type is required (e.g. quadratic, linear, or 'module:Class')")
 
@@ -325,20 +346,29 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def load_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     """Reads a YAML file, following `base:` (relative to the file) and merging overrides."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {str(p)!r} is a directory; give a YAML file, e.g. tune_configs/gmm_elegant.yaml")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        where = f" (named by `base:` in {str(_chain[-1])!r})" if _chain else ""
+        raise ConfigError(f"config file {str(p)!r} does not exist{where}; check the path (relative to {os.getcwd()})")
+    if p.resolve() in _chain:
+        loop = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"base: loop: {loop}; a file may not be its own base, directly or through others: "
+                          "remove one `base:` line")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML; fix it at the line shown: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level (model:, reward:, alpha:, ...)")
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(load_yaml(p.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"base in {str(p)!r} must be a file name (got {base!r}), e.g. base: base_gmm.yaml")
+        data = _merge(load_yaml(p.parent / base, (*_chain, p.resolve())), data)
     return data
 
 

@@ -156,6 +156,12 @@ class RunConfig:
             raise ConfigError(f"run.gpus_per_trial must be <= 1 or a whole number (got {self.gpus_per_trial})")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"run.name must be a plain directory name without '/' (got {self.name!r})")
+        if self.name is not None and (len(self.name) > 200 or any(not (c.isalnum() or c in "._-=,+") for c in self.name)):
+            raise ConfigError(f"run.name {self.name[:40]!r}{'...' if len(self.name) > 40 else ''} ({len(self.name)} characters) "
+                              "must be at most 200 letters, digits or . _ - = , +: choose another --name / run.name")
+        if self.device == "cuda" and self.gpus_per_trial == 0:
+            raise ConfigError("run.device is 'cuda' but run.gpus_per_trial is 0, so Ray gives the trial no GPU; set "
+                              "run.gpus_per_trial (e.g. 1 or 0.5) or run.device: auto")
         if not self.storage_path:
             raise ConfigError("run.storage_path must not be empty; give a local directory or a cloud URI")
         if "://" not in self.storage_path:  # local: absolute, so Tune and every worker agree on it
@@ -263,12 +269,23 @@ def check_components(task: TaskConfig) -> None:
     the registry and the other keys are parsed into the learner's frozen `Options` dataclass, so an unknown
     key or a bad value fails here, before Ray starts, with its path (`learner.<key>`) in the message.
     """
-    cls, _ = check_learner_spec(task.learner)
+    cls, options = check_learner_spec(task.learner)
+    check_zero_alpha(task, options)
     check_reward_needed(cls, task.reward)  # a task without `reward:` only for a learner that needs none
     if task.reward is not None:
         check_reward_spec(task.reward)
         check_task_alpha(task.reward, task.alpha)
     conditions_of(task)  # a malformed `conditions:` section fails here, before Ray starts
+
+
+def check_zero_alpha(task: TaskConfig, options: Any) -> None:
+    """alpha = 0 only for a learner that trains without the KL term (`kl_penalty: false`) and has no tilted target."""
+    if task.alpha == 0 and (getattr(options, "kl_penalty", True) or hasattr(options, "expert")):
+        kind = (task.learner or {}).get("type", "elegant")
+        what = ("its target p* ∝ exp(r/alpha) p_pre is undefined at alpha = 0" if hasattr(options, "expert") else
+                "it keeps the KL term, which alpha = 0 removes: the objective is the reward alone, the control unbounded")
+        raise ConfigError(f"alpha = 0 with learner {kind!r}: {what}; use alpha > 0, or learner type no_kl to "
+                          "train on the reward alone")
 
 
 def check_reward_spec(spec: dict[str, Any]) -> None:

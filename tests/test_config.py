@@ -50,10 +50,9 @@ def test_alpha_zero_is_allowed_with_no_kl():
     assert task_from_dict(_task(alpha=0.0, learner={"type": "no_kl"})).alpha == 0.0
 
 
-def test_mixture_values_are_checked_when_built():
-    task = task_from_dict(_task(model__weights=[0.5, 0.5, 0.5, 0.5]))
-    with pytest.raises(ValueError, match="sum to 1"):
-        build_model(task.model, task.num_steps)
+def test_mixture_values_are_checked_when_parsed():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        task_from_dict(_task(model__weights=[0.5, 0.5, 0.5, 0.5]))
 
 
 def test_missing_model_path_names_the_fix(tmp_path):

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from rlft.config import ConfigError, load_yaml
+from rlft.run.check import check_args
 from rlft.run.results import collect_trials, make_plots, print_table, summary
 from rlft.run.tune import init_ray, run_experiment, stop_on_signals, warn_if_unplaceable
 from rlft.run.keys import ERRORED, EXPERIMENT_FILE, RESULTS_FILE, STATUS
@@ -59,6 +60,7 @@ def run_command(args: argparse.Namespace, sweep: bool) -> int:
     """`rlft train` / `rlft sweep`: validate, run (or resume) the Tune experiment, summarise, plot."""
     if os.getcwd() not in sys.path:  # a user's "module:Class" rewards/learners next to them, as on the workers
         sys.path.insert(0, os.getcwd())
+    check_args(args, sweep=sweep)  # every configuration error now, before anything is written and Ray starts
     overrides = parse_assignments(args.set)
     for key, value in (("run.iterations", args.iterations), ("run.storage_path", args.storage_path),
                        ("run.name", args.name)):

@@ -15,6 +15,7 @@ import sys
 from typing import Any, Sequence
 
 import rlft.jobs as jobs
+from rlft.config import ConfigError
 from rlft.jobs import JobsError
 from rlft.run_config import parse_assignments
 
@@ -38,6 +39,16 @@ def _require_address(args) -> str:
     return args.address.rstrip("/")
 
 
+def check_url(address: str) -> None:
+    """The Jobs API address must be an http(s) URL with a host, e.g. http://127.0.0.1:8265."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"--address {address!r} is not a Jobs API URL; give http://HOST:PORT (the head's dashboard "
+                          "port, e.g. --address http://127.0.0.1:8265)")
+
+
 def _parse_env(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -50,6 +61,10 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
 
 def _run_submit(args) -> int:
     address = _require_address(args)
+    check_url(address)
+    from rlft.run.check import check_args
+
+    check_args(args, sweep=args.sweep, where="submit")  # every configuration error before anything is sent
     submission = jobs.submit(
         args.config, address, sweep=args.sweep, overrides=parse_assignments(args.set),
         storage_path=args.storage_path, resume=args.resume, pip=args.pip, env=_parse_env(args.env),
