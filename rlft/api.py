@@ -29,7 +29,9 @@ import torch
 
 import rlft.checkpoint as checkpoint
 from rlft.checkpoint import CheckpointError
+from rlft.conditions import conditions_of, expand
 from rlft.config import TaskConfig, task_from_dict
+from rlft.evaluation import control_at, init_at
 from rlft.learners import build_learner
 from rlft.models import build_model
 from rlft.models.base import ControlledChain, DiffusionModel
@@ -70,14 +72,31 @@ class FineTuned:
         self.task, self.base, self.control, self.init, self.checkpoint = task, base, control, init, source
         self.model = ControlledChain(base, control, init)
 
-    def sample(self, n: int, seed: int | None = None, batch_size: int = 4096, progress: bool = False) -> torch.Tensor:
+    def sample(self, n: int, seed: int | None = None, batch_size: int = 4096, progress: bool = False,
+               cond: Any = None) -> torch.Tensor:
         """n samples x_K of the fine-tuned chain, (n, *event_shape) on the CPU; seed None: the task's seed.
 
         The same as `rlft.sampling.sample(base, n, control=learner.control(), init=learner.init_dist(), seed=seed).x`
-        of the learner that wrote the checkpoint."""
+        of the learner that wrote the checkpoint. A conditional task's sampler takes `cond`: one condition (d,) for all
+        n samples, or one per sample (n, d) (each distinct condition is sampled with seed + its index among them)."""
         seed = self.task.seed if seed is None else int(seed)
-        return sample(self.base, n, control=self.control, init=self.init, seed=seed, batch_size=batch_size,
-                      progress=progress).x
+        if cond is None:
+            if conditions_of(self.task) is not None:
+                raise ValueError("this sampler was fine-tuned on a conditional task: pass cond, one condition (d,) or (n, d)")
+            return sample(self.base, n, control=self.control, init=self.init, seed=seed, batch_size=batch_size,
+                          progress=progress).x
+        cond = torch.as_tensor(cond, dtype=self.base.dtype, device=self.base.device)
+        rows = expand(cond, n) if cond.ndim == 1 else cond  # (n, d)
+        if rows.ndim != 2 or rows.shape[0] != n:
+            raise ValueError(f"cond must be one condition (d,) or one per sample ({n}, d) (got shape {tuple(cond.shape)})")
+        unique, which = torch.unique(rows, dim=0, return_inverse=True)
+        out = torch.empty((n, *self.base.event_shape), dtype=self.base.dtype)
+        for j, c in enumerate(unique):
+            idx = (which == j).nonzero().reshape(-1).cpu()
+            model_cond = expand(c, idx.numel()) if self.base.cond_shape is not None else None
+            out[idx] = sample(self.base, idx.numel(), control=control_at(self.control, c), init=init_at(self.init, c),
+                              cond=model_cond, seed=seed + j, batch_size=batch_size, progress=progress).x.to(out.dtype)
+        return out
 
     def __repr__(self) -> str:
         return f"FineTuned({self.checkpoint}, event_shape={tuple(self.base.event_shape)}, K={self.base.num_steps})"

@@ -93,10 +93,11 @@ class Conditions:
         device = generator.device if generator is not None else "cpu"
         return torch.randint(0, self.train.shape[0], (n,), generator=generator, device=device)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n training conditions, one per trajectory, (n, d) on the generator's device. Never a held-out one."""
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """n training conditions, one per trajectory, (n, d) on the generator's device (in `dtype`, default float32).
+        Never a held-out one."""
         idx = self.sample_indices(n, generator)
-        return self.train.to(idx.device)[idx]
+        return self.train.to(device=idx.device, dtype=dtype)[idx]
 
     def groups(self, num_groups: int, group_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """num_groups training conditions each repeated group_size times: (indices (G*S,), conds (G*S, d)).
@@ -119,6 +120,25 @@ class Conditions:
 def expand(cond: torch.Tensor, n: int) -> torch.Tensor:
     """One condition (d,) (or (1, d)) as a batch (n, d) (a view)."""
     return cond.reshape(1, -1).expand(n, -1)
+
+
+def check_task_conditions(conditions: Conditions | None, model_cond_shape: tuple[int, ...] | None, reward: Any,
+                          learner: str, supported: bool = True) -> None:
+    """The checks a learner runs when built: a conditional model or reward needs conditions, the learner must take
+    them (`supported`), and their length must match a conditional model's cond_shape. Raises `ConfigError`."""
+    if conditions is None and (model_cond_shape is not None or getattr(reward, "conditional", False)):
+        what = (f"the model is conditional (cond_shape {tuple(model_cond_shape)})" if model_cond_shape is not None
+                else f"reward {getattr(reward, 'name', '?')!r} depends on the condition")
+        raise ConfigError(f"{what} but the task declares no conditions to train on; add "
+                          "conditions: {train: [...], eval: [...]} (rlft.conditions)")
+    if conditions is None:
+        return
+    if not supported:
+        raise ConfigError(f"learner {learner!r} does not take conditions yet; use learner type elegant (or no_kl, truncation, "
+                          "random_k), or remove the task's conditions: section")
+    if model_cond_shape is not None and tuple(model_cond_shape) != conditions.shape:
+        raise ConfigError(f"conditions are vectors of length {conditions.dim} but the model takes conditions of shape "
+                          f"{tuple(model_cond_shape)}; make conditions.train/eval match the model")
 
 
 def parse_conditions(spec: Any, seed: int = 0, path: str = "conditions") -> Conditions:

@@ -21,6 +21,7 @@ import inspect
 from typing import Any, ClassVar
 
 import rlft.registry as registry
+from rlft.conditions import conditions_of
 from rlft.config import ConfigError, TaskConfig, check_kwargs, from_dict
 from rlft.models.base import DiffusionModel
 from rlft.rewards.base import Reward
@@ -63,12 +64,14 @@ class Learner(abc.ABC):
         return None
 
     def evaluate(self, num_samples: int = 2000, seed: int | None = None, progress: bool = False) -> dict[str, Any]:
-        """The standard figures of `rlft.evaluation.evaluate_run` for the current fine-tuned sampler."""
+        """The standard figures of `rlft.evaluation.evaluate_run` for the current fine-tuned sampler (per condition,
+        with `heldout` and `per_condition`, for a conditional task)."""
         from rlft.evaluation import evaluate_run
 
         return evaluate_run(
             self.model, self.reward, self.task.alpha, control=self.control(), init=self.init_dist(),
             num_samples=num_samples, seed=self.task.seed + 1 if seed is None else seed, progress=progress,
+            conditions=conditions_of(self.task),
         )
 
     @abc.abstractmethod

@@ -37,6 +37,10 @@ no reward-gradient mixing). Its fixed point is the drift-only optimum given x_0 
 learned nu_hat the pair (nu_hat, u) targets exp(r/alpha) p_pre even for a chain that remembers x_0, where plain
 Adjoint Matching from the prior is biased.
 
+Conditional tasks (`task.conditions`, MATH.md §8): the drift u(t, x, c), the value a(x_0, c) and the initial law
+nu_hat(.|c) take the condition; each trajectory of steps 1-3 draws one training condition c (never a held-out one)
+and is rewarded with r(x_K, c), so one control maximises the mean over training conditions of J(c).
+
 Baselines (NO KL, Truncation, Random-K) are subclasses in rlft.control.baselines.
 """
 
@@ -191,6 +195,7 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
     checkpoint_format: ClassVar[str] = FORMAT
     checkpoint_version: ClassVar[int] = FORMAT_VERSION
     checkpoint_legacy: ClassVar[dict[str, int]] = LEGACY_STATE_FILES
+    supports_conditions: ClassVar[bool] = True
     architecture_options: ClassVar[tuple[str, ...]] = DifferentiableLearner.architecture_options + ("learn_init", "init_steps")
 
     # -- options --------------------------------------------------------------------------------------
@@ -217,6 +222,9 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
         if self.options.kl_penalty and not self.task.alpha > 0:
             raise ConfigError(
                 f"alpha must be > 0 (got {self.task.alpha}) when the learner keeps the KL term; use alpha = 0 only with type no_kl")
+        if self.conditions is not None and not ElegantOptions.kl_route(get_divergence(self.options.divergence)):
+            raise ConfigError(f"learner.divergence {self.options.divergence!r} with conditions: TANG's lambda would be needed "
+                              "per condition, which is not implemented; use divergence: kl in a conditional task")
         if not getattr(self.reward, "differentiable", True):
             raise ConfigError(
                 f"reward {getattr(self.reward, 'name', '?')!r} is not differentiable; learner {self.name!r} back-propagates "
@@ -229,6 +237,11 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
     def compute_derived(self) -> dict[str, Any]:
         return {**super().compute_derived(), "pathwise_weight": self.options.pathwise_weight, "train_alpha": self.train_alpha}
 
+    def train_conditions(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
+        """One TRAINING condition per trajectory (n, d) in the model's dtype, or None (unconditional: no random draw,
+        so an unconditional run's numbers are unchanged)."""
+        return None if self.conditions is None else self.conditions.sample(n, gen, self.model.dtype).to(self.model.device)
+
     # -- networks -------------------------------------------------------------------------------------
     def build_networks(self) -> None:
         super().build_networks()
@@ -240,8 +253,8 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
         self.value_net: ValueNet | None = None
         self.init_control: InitialControl | None = None
         if o.learn_init:
-            self.value_net = ValueNet(model.event_shape, o.hidden, o.depth).to(device=model.device, dtype=model.dtype)
-            self.init_control = InitialControl(model, o.init_steps, o.hidden, o.depth).to(device=model.device, dtype=model.dtype)
+            self.value_net = ValueNet(model.event_shape, o.hidden, o.depth, self.cond_shape).to(device=model.device, dtype=model.dtype)
+            self.init_control = InitialControl(model, o.init_steps, o.hidden, o.depth, self.cond_shape).to(device=model.device, dtype=model.dtype)
 
     def init_dist(self) -> InitialDistribution | None:
         """nu_hat once the initial control has been trained; before that the prior nu_ini (None)."""
@@ -259,9 +272,11 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
             out[LAMBDA] = self.lambda_
         if o.learn_init:
             gen = self.device_generator()
-            x0, y, queries = value_dataset(self.model, self.train_reward, self.train_alpha, o.value_starts, o.value_rollouts, gen)
+            cond = self.train_conditions(o.value_starts, gen)  # (N, d) or None
+            x0, y, queries = value_dataset(self.model, self.train_reward, self.train_alpha, o.value_starts, o.value_rollouts, gen,
+                                           cond=cond)
             self.reward_queries += queries
-            out.update(fit_value(self.value_net, x0, y, o.value_iterations, gen, lr=o.value_lr))
+            out.update(fit_value(self.value_net, x0, y, o.value_iterations, gen, lr=o.value_lr, cond=cond))
             out["value_target_std"] = float(y.std()) if y.numel() > 1 else 0.0
             out.update(self._fit_init(gen))
         out["setup_time"] = time.perf_counter() - start
@@ -290,7 +305,8 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
             lr = o.init_lr * 0.5 * (1.0 + math.cos(math.pi * i / o.init_iterations))
             for group in opt.param_groups:
                 group["lr"] = lr
-            obj, parts = self.init_control.objective(self.value_net, self.train_alpha, o.init_batch_size, gen)
+            cond = self.train_conditions(o.init_batch_size, gen)
+            obj, parts = self.init_control.objective(self.value_net, self.train_alpha, o.init_batch_size, gen, cond)
             opt.zero_grad(set_to_none=True)
             (-obj).backward()
             opt.step()
@@ -308,19 +324,20 @@ class ElegantLearner(am.AdjointMatchingDrift, DifferentiableLearner):
         path for the likelihood-ratio term); 3. r(x_K); 4. the leave-one-out advantage r_i - b_i times
         grad log p_theta(path_i) (module docstring)."""
         gen = self.device_generator()
-        x0 = self.initial_states(n, gen)
+        cond = self.train_conditions(n, gen)  # (n, d): one training condition per trajectory, or None
+        x0 = self.initial_states(n, gen, cond)
         seeds = self.window_seeds(len(self.windows(grad_start)))
         w = self.options.pathwise_weight
         if w < 1.0:
-            x, kl, path = self.drift_rollout(x0, seeds, grad_start, keep_path=True)
+            x, kl, path = self.drift_rollout(x0, seeds, grad_start, cond=cond, keep_path=True)
         else:
-            x, kl = self.drift_rollout(x0, seeds, grad_start)
-        r = evaluate(self.train_reward, x)
+            x, kl = self.drift_rollout(x0, seeds, grad_start, cond=cond)
+        r = evaluate(self.train_reward, x, cond=cond)
         self.reward_queries += n
         reward_term = r.mean()
         if w < 1.0:
             advantage = leave_one_out_advantage(r).detach()
-            logp = self.path_log_prob(path)
+            logp = self.path_log_prob(path, cond)
             score_term = (advantage * (logp - logp.detach())).mean()  # value 0, gradient g_LR
             reward_term = w * r.mean() + (1.0 - w) * (r.mean().detach() + score_term)
         return reward_term - self.train_alpha * kl.mean(), r, kl

@@ -15,7 +15,10 @@ with a ~ v*_0 the value network (rlft.control.value). Theorem 2: at the optimum 
 The per-sample KL returned with each x_0 is the discrete path KL sum_j KL_j; its mean is an upper bound of
 KL(nu || nu_ini) (data processing), with equality at the optimum, where the bridge is preserved.
 
-Notation: J `num_steps`, h step size, sigma~ `std` * sqrt(1/h), x_fix = 0.
+In a conditional task the control takes the condition, q(t, x, c), and the value a(x_0, c): nu_hat(.|c) ∝
+nu_ini exp(v*_0(., c)/alpha) at the optimum, one law per condition from one network (`cond_shape`).
+
+Notation: J `num_steps`, h step size, sigma~ `std` * sqrt(1/h), x_fix = 0, c `cond` (B, d).
 """
 
 from __future__ import annotations
@@ -90,23 +93,32 @@ class InitialControl(nn.Module):
     in its parameters when called with gradients enabled (reparameterised noise).
     """
 
-    def __init__(self, model: DiffusionModel, num_steps: int = 50, hidden: int = 128, depth: int = 3) -> None:
+    def __init__(self, model: DiffusionModel, num_steps: int = 50, hidden: int = 128, depth: int = 3,
+                 cond_shape: tuple[int, ...] | None = None) -> None:
+        """`cond_shape`: the shape of one condition (a conditional task's (d,), or a conditional model's); None with
+        an unconditional model = unconditional."""
         super().__init__()
-        if model.cond_shape is not None:
-            raise ValueError("a learned initial distribution is only supported for unconditional models; set learn_init: false")
+        cond_shape = cond_shape if cond_shape is not None else model.cond_shape
+        self.cond_shape = tuple(cond_shape) if cond_shape is not None else None
         self.chain = BrownianChain(model.event_shape, num_steps).to(model.device, model.dtype)
-        self.net = VectorControlNet(model.event_shape, None, hidden=hidden, depth=depth)
+        self.net = VectorControlNet(model.event_shape, self.cond_shape, hidden=hidden, depth=depth)
         self.control = NetworkControl(self.chain, self.net, scales=[self.chain.std(j) ** 2 for j in range(num_steps)])
 
-    def init_sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_0 ~ nu_hat (n, *event) and the per-sample path KL of the SDE (n,) (eq. 10's penalty / alpha)."""
+    def init_sample(self, n: int, generator: torch.Generator | None = None, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_0 ~ nu_hat(.|c) (n, *event) and the per-sample path KL of the SDE (n,) (eq. 10's penalty / alpha).
+
+        cond: (n, *cond_shape), one condition per sample; required when the control was built conditional."""
+        if self.cond_shape is not None and cond is None:
+            raise ValueError("this initial law takes the condition: call init_sample(n, generator, cond) with cond (n, d)")
         x_fix = self.chain.prior_sample(n)
-        out = rollout(self.chain, x_fix, self.control, generator=generator)
+        out = rollout(self.chain, x_fix, self.control, cond=cond, generator=generator)
         return out.x, out.kl
 
-    def objective(self, value: nn.Module, alpha: float, n: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Monte-Carlo estimate of eq. 10, E[a(x_0)] - alpha E[KL], to maximise; with its parts as floats."""
-        x0, kl = self.init_sample(n, generator)
-        a = value(x0)
+    def objective(self, value: nn.Module, alpha: float, n: int, generator: torch.Generator,
+                  cond: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Monte-Carlo estimate of eq. 10, E[a(x_0, c)] - alpha E[KL], to maximise; with its parts as floats.
+        cond: (n, d) conditions of the n samples (a conditional task's training conditions) or None."""
+        x0, kl = self.init_sample(n, generator, cond)
+        a = value(x0, cond) if cond is not None else value(x0)
         obj = a.mean() - alpha * kl.mean()
         return obj, {"init_value": float(a.detach().mean()), "init_kl": float(kl.detach().mean())}

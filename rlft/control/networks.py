@@ -166,18 +166,19 @@ class NetworkControl:
     def __call__(self, k: int, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.scales[k] * self.net(self._t[k], x, cond)
 
-    def all_steps(self, states: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """delta_k(x_k) for steps start .. start + n - 1 at once, in one call of the network (unconditional).
+    def all_steps(self, states: torch.Tensor, start: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """delta_k(x_k) for steps start .. start + n - 1 at once, in one call of the network.
 
-        states: (B, n, *event), row j at level start + j -> (B, n, *event), equal to stacking
-        self(start + j, states[:, j])."""
+        states: (B, n, *event), row j at level start + j; cond: (B, *cond_shape) or None, one condition per
+        trajectory (the same at every step) -> (B, n, *event), equal to stacking self(start + j, states[:, j], cond)."""
         b, k = states.shape[:2]
         if not 0 <= start <= start + k <= len(self._t):
             raise ValueError(f"steps {start}..{start + k - 1} are outside the chain's {len(self._t)} steps")
         like = dict(dtype=states.dtype, device=states.device)
         t = torch.tensor(self._t[start:start + k], **like).repeat(b)  # (B n,): row i is step start + i % n
         c = torch.tensor(self.scales[start:start + k], **like).repeat(b).reshape(-1, *([1] * (states.dim() - 2)))  # (B n, 1, ...)
-        out = self.net(t, states.reshape(b * k, *states.shape[2:]), None) * c
+        c_rows = cond.repeat_interleave(k, dim=0) if cond is not None else None  # (B n, *cond_shape): row i is trajectory i // n
+        out = self.net(t, states.reshape(b * k, *states.shape[2:]), c_rows) * c
         return out.reshape(states.shape)
 
 

@@ -12,7 +12,11 @@ Alg. 4's plain regression; as M grows the target tends to v*_0. (The log-mean-ex
 Jensen gap of order Var/(2 alpha M); the bias is nearly constant in x0 when x0 carries little information
 about x_T, which is the usual VP case, and a constant offset does not change the control of eq. 10.)
 
-Notation: x_i `x0` (N, *event), r_ij `rewards` (N, M), y_i `targets` (N,), a_phi `ValueNet`.
+In a conditional task (`rlft.conditions`) the value is v0(x0, c) = alpha log E_pre[exp(r(x_T, c)/alpha) | x_0 = x0, c]:
+each start x_i is paired with a training condition c_i, its M rollouts are rewarded at c_i, and a_phi(x0, c) takes
+the condition as a second input.
+
+Notation: x_i `x0` (N, *event), c_i `cond` (N, d), r_ij `rewards` (N, M), y_i `targets` (N,), a_phi `ValueNet`.
 """
 
 from __future__ import annotations
@@ -41,19 +45,20 @@ class ValueNet(nn.Module):
     chase values the data never showed (measured: a = +52 where every target was below 0, at KL 276).
     """
 
-    def __init__(self, event_shape: tuple[int, ...], hidden: int = 128, depth: int = 3) -> None:
+    def __init__(self, event_shape: tuple[int, ...], hidden: int = 128, depth: int = 3,
+                 cond_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         # zero-initialised head: before fitting, a is the constant y_shift (the "flat value" hypothesis)
-        self.mlp = VectorControlNet(event_shape, None, hidden, depth, num_frequencies=1, out_features=1, zero_init=True)
+        self.mlp = VectorControlNet(event_shape, cond_shape, hidden, depth, num_frequencies=1, out_features=1, zero_init=True)
         # output affine (set to the targets' mean/std before training, so the MLP learns O(1) values) and clamp
         self.register_buffer("y_shift", torch.zeros(()))
         self.register_buffer("y_scale", torch.ones(()))
         self.register_buffer("y_min", torch.tensor(-math.inf))
         self.register_buffer("y_max", torch.tensor(math.inf))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, *event) -> a(x): (B,)."""
-        a = self.y_shift + self.y_scale * self.mlp(0.0, x)[:, 0]
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, *event), cond: (B, *cond_shape) or None -> a(x [, c]): (B,)."""
+        a = self.y_shift + self.y_scale * self.mlp(0.0, x, cond)[:, 0]
         return torch.minimum(torch.maximum(a, self.y_min), self.y_max)
 
 
@@ -79,6 +84,7 @@ def value_dataset(
     rollouts_per_start: int,
     generator: torch.Generator,
     batch_size: int = 4096,
+    cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Draws x0 ~ nu_ini and the refined targets of App. E.2 from pretrained rollouts.
 
@@ -90,15 +96,18 @@ def value_dataset(
         rollouts_per_start: M, pretrained rollouts from each x0.
         generator: source of every draw.
         batch_size: trajectories simulated per batch.
+        cond: one condition per start (N, d) (a conditional task's training conditions), or None.
     Returns:
         (x0 (N, *event), y (N,), number of reward evaluations N * M).
     """
     x0 = model.prior_sample(num_starts, generator)  # (N, *event)
     starts = x0.repeat_interleave(rollouts_per_start, dim=0)  # (N M, *event): start i repeated M times
+    conds = cond.repeat_interleave(rollouts_per_start, dim=0) if cond is not None else None  # (N M, d)
     rewards = []
     for s in range(0, starts.shape[0], batch_size):
-        out = rollout(model, starts[s : s + batch_size], generator=generator)
-        rewards.append(evaluate(reward, out.x).detach())
+        c = conds[s : s + batch_size] if conds is not None else None
+        out = rollout(model, starts[s : s + batch_size], cond=c, generator=generator)
+        rewards.append(evaluate(reward, out.x, cond=c).detach())
     r = torch.cat(rewards).reshape(num_starts, rollouts_per_start)  # (N, M)
     return x0, log_mean_exp_targets(r, alpha), starts.shape[0]
 
@@ -112,12 +121,14 @@ def fit_value(
     lr: float = 1e-3,
     batch_size: int = 256,
     holdout: float = 0.2,
+    cond: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Least-squares regression of the targets on x0 (Alg. 4 step 3), Adam on minibatches, with model selection.
 
     A fraction `holdout` of the data is held out; the weights with the lowest held-out error seen (checked
     20 times, and at the start, where a is the constant mean) are kept, and then only if their held-out
-    improvement over the constant is significant (paired z >= MIN_Z); else a is the constant. The targets are
+    improvement over the constant is significant (paired z >= MIN_Z); else a is the constant. `cond` (N, d): the
+    condition of each start in a conditional task (the network's second input), or None. The targets are
     noisy (M rollouts each) and, in a VP chain with a(T) ~ 0, nearly independent of x0; a network fitted to
     their noise hands the initial control spurious slopes, which exp(a/alpha) amplifies at small alpha
     (measured on a 2-D mixture at alpha = 0.1: held-out R^2 0.036 from noise alone, and the initial control
@@ -129,6 +140,10 @@ def fit_value(
     """
     y = targets.to(x0.dtype)
     n = x0.shape[0]
+
+    def c_at(idx: torch.Tensor) -> torch.Tensor | None:
+        return cond[idx] if cond is not None else None
+
     perm = torch.randperm(n, generator=generator, device=generator.device).to(x0.device)
     n_val = int(round(holdout * n)) if n >= 5 else 0
     val, train = perm[:n_val], perm[n_val:]
@@ -142,7 +157,7 @@ def fit_value(
     def held_out_mse() -> float:
         idx = val if n_val else train
         with torch.no_grad():
-            return float((net(x0[idx]) - y[idx]).pow(2).mean())
+            return float((net(x0[idx], c_at(idx)) - y[idx]).pow(2).mean())
 
     best, best_state = held_out_mse(), copy.deepcopy(net.state_dict())
     check_every = max(1, iterations // 20)
@@ -150,7 +165,7 @@ def fit_value(
     for i in range(iterations):
         pick = torch.randint(0, train.numel(), (min(batch_size, train.numel()),), generator=generator, device=generator.device)
         idx = train[pick.to(x0.device)]
-        loss = ((net(x0[idx]) - y[idx]) / net.y_scale).pow(2).mean()
+        loss = ((net(x0[idx], c_at(idx)) - y[idx]) / net.y_scale).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -161,7 +176,7 @@ def fit_value(
     net.load_state_dict(best_state)
     # Keep the fit only if it predicts the held-out targets better than the constant, by MIN_Z standard errors
     # of the paired per-point difference; otherwise fall back to the flat value (a = training mean).
-    z = _paired_z(net, x0[val], y[val]) if n_val > 1 else math.inf
+    z = _paired_z(net, x0[val], y[val], c_at(val)) if n_val > 1 else math.inf
     if not z >= MIN_Z:
         with torch.no_grad():
             net.mlp.net[-1].weight.zero_()
@@ -171,10 +186,10 @@ def fit_value(
     return {"value_mse": best, "value_r2": 1.0 - best / var if var > 0 else 0.0, "value_z": z, "value_flat": float(not z >= MIN_Z)}
 
 
-def _paired_z(net: ValueNet, x: torch.Tensor, y: torch.Tensor) -> float:
+def _paired_z(net: ValueNet, x: torch.Tensor, y: torch.Tensor, cond: torch.Tensor | None = None) -> float:
     """z of the held-out improvement over the constant: mean/se of d_i = (c - y_i)^2 - (a(x_i) - y_i)^2."""
     with torch.no_grad():
-        d = (net.y_shift - y).pow(2) - (net(x) - y).pow(2)  # (n,)
+        d = (net.y_shift - y).pow(2) - (net(x, cond) - y).pow(2)  # (n,)
     se = float(d.std()) / math.sqrt(d.numel())
     mean = float(d.mean())
     if se == 0.0:

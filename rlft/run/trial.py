@@ -42,10 +42,13 @@ import torch
 
 import rlft.checkpoint as checkpoint
 from rlft.checkpoint import CheckpointError
+from rlft.conditions import conditions_of
 from rlft.config import TaskConfig
+from rlft.evaluation import control_at, init_at
 from rlft.learners import Learner, build_learner
 from rlft.models import DiffusionModel, build_model
 from rlft.rewards import build_reward, evaluate, prepare_reward_spec
+from rlft.rewards.base import at_condition
 from rlft.run.keys import (
     EVAL_ITERATION, HISTORY_FILE, ITERATION, ITERATION_TIME, LAST_EVAL, LEARNER_DIR, MANIFEST, OBJECTIVE, OPTIMAL_KL,
     OPTIMAL_REWARD, REWARD_QUERIES, SAMPLES_FILE, SAMPLES_FINETUNED, SAMPLES_PRETRAINED, SAMPLES_TARGET, STATE_FILE,
@@ -229,12 +232,17 @@ def _restore(learner: Learner, ckpt, label: str) -> tuple[dict[str, Any], list[d
 
 
 def _final_samples(learner: Learner) -> tuple[dict, dict]:
-    """2-D tasks: fine-tuned, pretrained and exact-target samples for the plots, and the exact optimum."""
+    """2-D tasks: fine-tuned, pretrained and exact-target samples for the plots, and the exact optimum (a conditional
+    task's at its first training condition)."""
     model, reward, alpha = learner.model, learner.reward, learner.task.alpha
     if tuple(model.event_shape) != (2,):
         return {}, {}
+    control, init, conditions = learner.control(), learner.init_dist(), conditions_of(learner.task)
+    if conditions is not None:
+        c = conditions.train[0].to(device=model.device, dtype=model.dtype)
+        reward, control, init = at_condition(reward, c), control_at(control, c), init_at(init, c)
     seed = learner.task.seed + 2
-    tuned = sample(model, PLOT_SAMPLES, control=learner.control(), init=learner.init_dist(), seed=seed, progress=False)
+    tuned = sample(model, PLOT_SAMPLES, control=control, init=init, seed=seed, progress=False)
     samples = {SAMPLES_FINETUNED: tuned.x, SAMPLES_PRETRAINED: sample(model, PLOT_SAMPLES, seed=seed + 1, progress=False).x}
     extra: dict[str, Any] = {}
     if alpha > 0 and hasattr(model, "exact_target") and getattr(reward, "exact_form", None) is not None:
