@@ -127,6 +127,12 @@ class RunConfig:
     """RLlib trials: remote Learner actors per trial (0 = learn in the trial's process)."""
     gpus_per_learner: float = 0.0
     """RLlib trials: GPUs per remote Learner (fractional allowed); used only with num_learners >= 1."""
+    workers_per_trial: int = 1
+    """Differentiable learners: data-parallel workers per trial, each with batch_size / N paths (rlft.run.parallel)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per extra data-parallel worker (workers_per_trial - 1 of them; the trial is worker 0)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per extra data-parallel worker (NCCL when > 0; then also set gpus_per_trial, worker 0's)."""
     loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = field(
         default_factory=lambda: ["tensorboard", "csv"]
     )
@@ -148,7 +154,11 @@ class RunConfig:
             raise ConfigError(f"run.max_failures must be >= -1 (got {self.max_failures}); -1 retries forever")
         if not self.cpus_per_trial > 0:
             raise ConfigError(f"run.cpus_per_trial must be > 0 (got {self.cpus_per_trial}); fractions like 0.5 are allowed")
-        for name in ("gpus_per_trial", "gpus_per_learner", "cpus_per_env_runner"):
+        if self.workers_per_trial < 1 or not self.cpus_per_worker > 0 or (self.workers_per_trial > 1 and (self.gpus_per_worker > 0) != (self.gpus_per_trial > 0)):
+            raise ConfigError(f"run.workers_per_trial must be >= 1 and run.cpus_per_worker > 0, and with workers_per_trial > 1 run.gpus_per_worker "
+                              f"and run.gpus_per_trial must be both 0 (gloo) or both > 0 (NCCL; the trial is worker 0) (got {self.workers_per_trial}, "
+                              f"{self.cpus_per_worker}, {self.gpus_per_worker}, {self.gpus_per_trial})")
+        for name in ("gpus_per_trial", "gpus_per_learner", "cpus_per_env_runner", "gpus_per_worker"):
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
                 raise ConfigError(f"run.{name} must be a finite number >= 0 (got {value})")
@@ -189,7 +199,8 @@ class RunConfig:
         for _ in range(self.num_learners):
             learner = {"CPU": 1.0} if self.gpus_per_learner == 0 else {"GPU": self.gpus_per_learner}
             bundles.append(learner)
-        return bundles
+        worker = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker > 0 else {})}
+        return bundles + [dict(worker) for _ in range(self.workers_per_trial - 1)]
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,17 @@ def check_components(task: TaskConfig) -> None:
         check_reward_spec(task.reward)
         check_task_alpha(task.reward, task.alpha)
     conditions_of(task)  # a malformed `conditions:` section fails here, before Ray starts
+    check_data_parallel(task)
+
+
+def check_data_parallel(task: TaskConfig) -> None:
+    """run.workers_per_trial > 1 needs a differentiable learner whose batch_size the workers divide evenly."""
+    n = parse_run(task.run).workers_per_trial
+    cls, options = check_learner_spec(task.learner) if n > 1 else (None, None)
+    if n > 1 and (not hasattr(cls, "grad_reducer") or options.batch_size % n):
+        raise ConfigError(f"run.workers_per_trial = {n} needs a differentiable learner (elegant, no_kl, adjoint_matching, ...) with "
+                          f"learner.batch_size a multiple of {n} (got {cls.__name__}, batch_size {getattr(options, 'batch_size', None)}); "
+                          "each worker simulates batch_size / workers_per_trial paths. RLlib learners scale with run.num_learners")
 
 
 def check_zero_alpha(task: TaskConfig, options: Any) -> None:

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -103,6 +103,7 @@ class DifferentiableLearner(Learner):
     checkpoint_legacy: ClassVar[dict[str, int]] = {}
     #: options whose value shapes the networks: a checkpoint written with other values is refused
     architecture_options: ClassVar[tuple[str, ...]] = ("hidden", "depth", "time_frequencies", "network", "lora_rank")
+    grad_reducer: Callable[[list[torch.Tensor]], None] = staticmethod(lambda params: None)  # data parallel: rlft.run.parallel
     #: whether `objective()` draws a conditional task's training conditions (`ElegantLearner.train_conditions`)
     supports_conditions: ClassVar[bool] = False
 
@@ -310,6 +311,7 @@ class DifferentiableLearner(Learner):
         o = self.options
         self.drift_opt.zero_grad(set_to_none=True)
         (-objective).backward()
+        self.grad_reducer(self._drift_params)  # the mean over data-parallel workers (a no-op in one process)
         grads = [p.grad for p in self._drift_params if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         if not math.isfinite(norm):

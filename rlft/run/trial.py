@@ -55,6 +55,7 @@ from rlft.run.keys import (
     TASK_KEY, TRAIN, WALL_TIME,
 )
 from rlft.run.storage import json_default, log
+import rlft.run.parallel as parallel
 from rlft.run.progress import Progress
 from rlft.run.quiet import quiet_ray
 from rlft.run_config import RunConfig, apply_overrides, run_config_of, validate_task
@@ -90,9 +91,11 @@ def trial_main(config: dict[str, Any]) -> None:
     model = build_model(task.model, task.num_steps).to(device=_trial_device(run))
     task = _prepared_task(task, model)
     reward = build_reward(task.reward, model=model).to(model.device) if task.reward is not None else None  # smeme, DG
+    task = parallel.worker_task(task, run)  # learner.batch_size / run.workers_per_trial paths per worker
     learner = build_learner(task, model, reward)
     quiet_ray()  # again: RLlib installs its own log handler when the learner imports it
     state, history = _restore(learner, tune.get_checkpoint(), label)
+    group = parallel.start(learner, task, run)  # data-parallel workers 1..N-1; None for run.workers_per_trial = 1
     best = best_evaluated(history)  # a new best evaluation is checkpointed (`rlft.run.results` names it)
     last_eval: dict[str, Any] = state.get(LAST_EVAL) or {}
     wall = float(state.get(WALL_TIME, 0.0))
@@ -100,7 +103,7 @@ def trial_main(config: dict[str, Any]) -> None:
     progress = Progress(label, run.iterations, start=learner.iteration)
     while learner.iteration < run.iterations:
         start, before = time.perf_counter(), learner.iteration
-        metrics = learner.train_iteration()
+        metrics = group.train_iteration() if group else learner.train_iteration()
         it = learner.iteration
         if it != before + 1:
             raise RuntimeError(f"{type(learner).__name__}.train_iteration() must add 1 to iteration ({before} -> {it})")
@@ -114,7 +117,7 @@ def trial_main(config: dict[str, Any]) -> None:
         log(progress.line(it, metrics, last_eval, last_eval.get(EVAL_ITERATION)))
         pending.append({
             ITERATION: it, REWARD_QUERIES: int(learner.reward_queries), WALL_TIME: wall, ITERATION_TIME: elapsed,
-            TRAIN: _numbers(metrics), **last_eval,
+            TRAIN: _numbers(metrics), parallel.WORLD_SIZE: run.workers_per_trial, **last_eval,
         })
         history.append(pending[-1])
         at_best = best is not None and best[ITERATION] == it > 1  # not the first row: it only records the start
@@ -130,6 +133,8 @@ def trial_main(config: dict[str, Any]) -> None:
             pending = []
         elif not run.checkpoint_every:  # no restore point between start and end: report at once
             tune.report(pending.pop())
+    if group:
+        group.close()
 
 
 def best_evaluated(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

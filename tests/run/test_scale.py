@@ -1,0 +1,132 @@
+"""Data-parallel differentiable learners (`run.workers_per_trial`, rlft.run.parallel).
+
+The pinned fact: an update on N workers of B/N paths each takes the step of one learner whose gradient is the
+mean of the N half-batch gradients, i.e. the gradient of the batch-mean objective on the concatenated batch of
+B paths drawn from the same N seed streams. The reference is computed in this process with plain autograd.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlft.config import ConfigError, task_from_dict
+from rlft.learners import build_learner
+from rlft.models import build_model
+from rlft.rewards import build_reward
+from rlft.run.parallel import DataParallel, Replica, _state_bytes, worker_task
+from rlft.run_config import RunConfig, experiment_from_dict, run_config_of
+
+MIX = {"type": "gmm", "weights": [0.6, 0.4], "means": [[1.0, 0.0], [-1.0, 0.5]], "stds": [0.4, 0.5]}
+
+
+def _task(workers: int = 2, **learner):
+    return {
+        "model": MIX, "reward": {"type": "quadratic", "center": [1.0, 0.5], "scale": 1.0}, "alpha": 1.0,
+        "num_steps": 8, "seed": 3,
+        "learner": {"type": "no_kl", "batch_size": 64, "hidden": 16, "depth": 2, "max_grad_norm": 0.0,
+                    "drift_iterations": 10, "drift_iterations_per_train_iteration": 1, "lr": 1e-2, **learner},
+        "run": {"iterations": 10, "workers_per_trial": workers, "cpus_per_worker": 0.5},
+    }
+
+
+def _learner(task):
+    torch.manual_seed(task.seed)  # as the trial does before it builds the model
+    model = build_model(task.model, task.num_steps)
+    return build_learner(task, model, build_reward(task.reward, model=model))
+
+
+# -- options, before Ray --------------------------------------------------------------------------------
+
+
+def test_options_are_checked_before_ray():
+    with pytest.raises(ConfigError, match=r"run.workers_per_trial = 3 needs .* learner.batch_size a multiple of 3 \(got NoKLLearner, batch_size 64\)"):
+        experiment_from_dict(_task(workers=3))
+    with pytest.raises(ConfigError, match="run.workers_per_trial = 2 needs a differentiable learner"):
+        experiment_from_dict({**_task(), "learner": {"type": "tests.run.test_runner:LinearLearner"}})
+    with pytest.raises(ConfigError, match="gpus_per_worker and run.gpus_per_trial must be both 0"):
+        RunConfig(workers_per_trial=2, gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match="workers_per_trial must be >= 1"):
+        RunConfig(workers_per_trial=0)
+    bundles = RunConfig(workers_per_trial=3, cpus_per_worker=0.5, gpus_per_trial=1, gpus_per_worker=0.5).resource_bundles()
+    assert bundles == [{"CPU": 1.0, "GPU": 1}, {"CPU": 0.5, "GPU": 0.5}, {"CPU": 0.5, "GPU": 0.5}]
+
+
+def test_each_worker_simulates_its_share_of_the_batch():
+    task, _, _ = experiment_from_dict(_task(workers=2))
+    assert worker_task(task, run_config_of(task)).learner["batch_size"] == 32
+    one, _, _ = experiment_from_dict(_task(workers=1))
+    assert worker_task(one, run_config_of(one)) is one  # N = 1: today's task, today's path
+
+
+# -- one update on 2 workers == one update on the concatenated batch ---------------------------------------
+
+
+def test_two_workers_take_the_step_of_the_concatenated_batch(ray_session):
+    task, run, _ = experiment_from_dict(_task(workers=2))
+    task = worker_task(task, run)  # 32 paths per worker, 64 in all
+
+    # reference, in this process: rank 0's learner R; rank 1's half batch from a Replica S (its own seed stream)
+    ref = _learner(task)
+    ref.setup()
+    ref.setup_done = True
+    setup_queries = ref.reward_queries
+    half = Replica(task, rank=1, world=2, device="cpu")
+    half.learner.grad_reducer = lambda params: None
+    half.load(_state_bytes(ref))
+    objectives = []
+
+    def mean_with_other_half(params):  # (grad of R's half + grad of S's half) / 2: the concatenated batch's gradient
+        obj, metrics = half.learner.objective()
+        objectives.append(float(obj.detach()))
+        grads = torch.autograd.grad(obj, half.learner._drift_params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = (p.grad - (g if g is not None else torch.zeros_like(p))) / 2  # p.grad holds -dJ_R/dtheta
+
+    ref.grad_reducer = mean_with_other_half
+    ref_metrics = ref.train_iteration()
+
+    # the same update on 2 workers: this process is rank 0, one Ray actor is rank 1
+    learner = _learner(task)
+    group = DataParallel(learner, task, run)
+    try:
+        metrics = group.train_iteration()
+        other = ray_session.get(group.replicas[0].parameters.remote())
+    finally:
+        group.close()
+    for p_dp, p_ref, p_other in zip(learner._drift_params, ref._drift_params, other):
+        torch.testing.assert_close(p_dp.grad, p_ref.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p_dp.detach(), p_ref.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p_other, p_dp.detach(), rtol=0, atol=0)  # the replicas stay identical
+    key = next(k for k in metrics if k.endswith("objective"))
+    assert metrics[key] == pytest.approx((ref_metrics[key] + objectives[0]) / 2, rel=1e-5)  # concatenated batch's J
+    assert abs(objectives[0] - ref_metrics[key]) > 1e-3  # the two halves come from different seed streams
+    assert learner.reward_queries == ref.reward_queries + (half.learner.reward_queries - setup_queries)  # counted once each
+
+
+@pytest.mark.slow
+def test_rlft_train_with_two_workers_reports_world_size(ray_session, tmp_path, capsys):
+    """A 2-worker `rlft train` of a GMM task ends near the 1-worker run's gap closure and reports world_size 2,
+    with every iteration recorded once."""
+    import yaml
+
+    from rlft import cli
+
+    out = {}
+    for workers in (1, 2):
+        data = _task(workers=workers, batch_size=128, drift_iterations=40, lr=3e-2)
+        data["learner"]["type"] = "elegant"
+        data["learner"].pop("max_grad_norm")
+        data["run"] = {**data["run"], "iterations": 20, "eval_every": 20, "eval_samples": 2000, "checkpoint_every": 10,
+                       "storage_path": str(tmp_path), "name": f"dp{workers}", "loggers": ["csv"]}
+        path = tmp_path / f"dp{workers}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert cli.main(["train", str(path), "--json"]) == 0
+        out[workers] = json.loads(capsys.readouterr().out)
+    assert out[2]["world_size"] == 2 and out[1]["world_size"] == 1
+    assert out[2]["iteration"] == 20
+    rows = [json.loads(line) for line in open(out[2]["history_path"])]
+    assert [r["iteration"] for r in rows] == list(range(1, 21))
+    assert abs(out[2]["gap_closure"] - out[1]["gap_closure"]) < 0.15, (out[1]["gap_closure"], out[2]["gap_closure"])
