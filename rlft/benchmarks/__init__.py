@@ -13,7 +13,6 @@ BENCHMARK_MODULES = [
     "rlft.benchmarks.tfbind8",  # rlft bench tfbind8 (issue 7)
     "rlft.benchmarks.conditional",  # rlft bench conditional (issue 19)
     "rlft.benchmarks.smeme",  # rlft bench smeme (issue 17)
-    "rlft.benchmarks.conditional",  # rlft bench conditional (issue 19)
     "rlft.benchmarks.adjoint_matching",  # rlft bench adjoint-matching (issue 17)
 ]
 
