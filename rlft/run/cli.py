@@ -112,6 +112,9 @@ def run_command(args: argparse.Namespace, sweep: bool) -> int:
     if args.json:
         print(json.dumps(out, default=json_default), file=stdout)
     errors = sum(t[STATUS] == ERRORED for t in trials)
+    log(f"results in {path}: {RESULTS_FILE} (the figures above), {len(plots)} plot(s) under plots/, one folder per "
+        f"trial (progress.csv, checkpoints); sample the fine-tuned model with: rlft sample "
+        f"{path if grid.num_trials <= 1 else '<its trial folder>'} -n 1000 --out samples.npy")
     if errors:
         log(f"{errors} trial(s) failed; continue them from their last checkpoints with: {resume}")
     return 1 if errors else 0
