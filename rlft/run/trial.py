@@ -221,19 +221,52 @@ def read_history(directory: str) -> list[dict[str, Any]]:
 
 
 def _restore(learner: Learner, ckpt, label: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Loads Tune's checkpoint (if any) into the learner; returns the runner's state and the rows so far."""
+    """Loads Tune's checkpoint (if any) into the learner; returns the runner's state and the rows so far.
+
+    A checkpoint that fails its manifest (a torn copy, a truncated file) is skipped with a warning naming it, and
+    the newest older checkpoint of the trial that passes is used instead (`_older_checkpoints`)."""
     if ckpt is None:
         return {}, []
-    with ckpt.as_directory() as directory:
-        state = read_checkpoint_state(directory)
-        learner.load_checkpoint(os.path.join(directory, LEARNER_DIR))
-        history = read_history(directory)
+    for candidate in [ckpt, *_older_checkpoints(ckpt)]:
+        with candidate.as_directory() as directory:
+            try:
+                state = read_checkpoint_state(directory)
+            except CheckpointError as err:
+                log(f"[{label}] warning: skipping the damaged checkpoint {candidate.path}: {err}")
+                continue
+            learner.load_checkpoint(os.path.join(directory, LEARNER_DIR))
+            history = read_history(directory)
+            break
+    else:
+        raise CheckpointError(f"no checkpoint of this trial passes its manifest check (newest: {ckpt.path}); "
+                              "start the experiment again without --resume")
     if learner.iteration != state[ITERATION]:
         raise RuntimeError(f"{type(learner).__name__}.load_checkpoint restored iteration {learner.iteration}, "
                            f"but the checkpoint was written at iteration {state[ITERATION]}")
     learner.reward_queries = max(int(learner.reward_queries), int(state[REWARD_QUERIES]))
     log(f"[{label}] restored from the checkpoint at iteration {state[ITERATION]}")
     return state, history
+
+
+def _older_checkpoints(ckpt) -> list:
+    """The trial's checkpoint_<n> directories older than Tune's `ckpt`, newest first (local or cloud storage)."""
+    import pyarrow.fs
+    from ray import tune
+
+    parent, name = os.path.split(ckpt.path.rstrip("/"))
+    number = checkpoint_number(name)
+    if number is None:
+        return []
+    infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    older = [(n, i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory
+             and (n := checkpoint_number(os.path.basename(i.path))) is not None and n < number]
+    return [tune.Checkpoint(path, filesystem=ckpt.filesystem) for _, path in sorted(older, reverse=True)]
+
+
+def checkpoint_number(name: str) -> int | None:
+    """n of a Tune checkpoint directory named checkpoint_<n> (None for any other name)."""
+    head, _, digits = name.partition("_")
+    return int(digits) if head == "checkpoint" and digits.isdigit() else None
 
 
 def _final_samples(learner: Learner) -> tuple[dict, dict]:
