@@ -11,7 +11,6 @@ BENCHMARK_MODULES = [
     "rlft.benchmarks.rllib_throughput",  # rlft bench rllib-throughput (issue 6)
     "rlft.benchmarks.rllib",  # rlft bench rllib (issue 6)
     "rlft.benchmarks.tfbind8",  # rlft bench tfbind8 (issue 7)
-    "rlft.benchmarks.smeme",  # rlft bench smeme (issue 17)
     "rlft.benchmarks.conditional",  # rlft bench conditional (issue 19)
     "rlft.benchmarks.smeme",  # rlft bench smeme (issue 17)
     "rlft.benchmarks.adjoint_matching",  # rlft bench adjoint-matching (issue 17)
