@@ -3,7 +3,7 @@
 Flow-GRPO (Liu et al. 2025, eq. 4-6) / DanceGRPO: G trajectories per condition, no critic; every step of trajectory i
 gets the group-relative advantage (MATH.md "GRPO"; `rlft.rllib.connectors.group_advantages`)
 
-    A_i = (R_i - mean_g R) / (std_g R + eps)          (learner.normalize_std: false drops the division)
+    A_i = R_i - mean_g R                              (default; learner.normalize_std: true divides by std_g R + eps)
 
 and PPO's clipped ratio of transition densities N(a; delta_theta, s_k^2) / N(a; delta_old, s_k^2) (eq. 22). The KL to
 the pretrained chain enters as PPO+KL's does (`rlft.rllib.ppo_kl`, MATH.md §5b), so the surrogate gradient is that of
@@ -52,8 +52,11 @@ class GRPOOptions(PPOKLOptions):
 
     group_size: int = 16
     """G: trajectories per group (per condition); episodes_per_iteration and num_envs must be multiples of G."""
-    normalize_std: bool = True
-    """Divide each group's centred returns by its std (+ std_eps); false: the mean baseline alone."""
+    normalize_std: bool = False
+    """Divide each group's centred returns by its std (+ std_eps), as Flow-GRPO does; false (default): the mean
+    baseline alone, whose surrogate gradient is (G - 1) / G of dJ/dtheta. Measured on the 2-D mixture (alpha 1, 256
+    episodes per iteration, same seed): false 0.908 / 0.907 / 0.923 of the gap at iteration 75 / 100 / 125, true
+    0.901 / 0.895 / 0.818 (small-std groups get large steps)."""
     std_eps: float = 1e-4
     """Added to the group's std before dividing (a group of equal returns gets advantage 0)."""
     episodes_per_iteration: int = 256
