@@ -99,7 +99,7 @@ def test_optimal_control_per_condition_closes_every_gap():
     reward = QuadraticReward("condition", scale=1.0)
     conds = parse_conditions(CONDITIONS)
     every = torch.cat([conds.train, conds.eval]).double()
-    optimal = [model.optimal_control(at_condition(reward, c), alpha) for c in every]
+    optimal = [model.optimal_control(QuadraticReward(c.tolist()), alpha) for c in every]  # the explicit reward at c
 
     def which(cond: torch.Tensor) -> int:
         assert (cond == cond[0]).all(), "the rows of one condition's evaluation differ"
@@ -127,7 +127,7 @@ def test_optimal_control_per_condition_closes_every_gap():
         assert per[key][ev.PRETRAINED][ev.OBJECTIVE] == pytest.approx(alone[ev.PRETRAINED][ev.OBJECTIVE], rel=1e-12)
     for key, fig in per.items():
         c = torch.tensor(fig[ev.CONDITION], dtype=torch.float64)
-        assert fig[ev.OPTIMAL_OBJECTIVE] == pytest.approx(model.exact_target(at_condition(reward, c), alpha).optimal_objective)
+        assert fig[ev.OPTIMAL_OBJECTIVE] == pytest.approx(model.exact_target(QuadraticReward(c.tolist()), alpha).optimal_objective)
         assert fig[ev.GAP_CLOSURE] > 0.85, key  # K = 20: the discrete chain under the continuous-time optimum
     assert out[ev.GAP_CLOSURE] == pytest.approx(sum(per[f"train_{i}"][ev.GAP_CLOSURE] for i in range(4)) / 4)
     assert out[ev.HELDOUT][ev.GAP_CLOSURE] == pytest.approx((per["eval_0"][ev.GAP_CLOSURE] + per["eval_1"][ev.GAP_CLOSURE]) / 2)
