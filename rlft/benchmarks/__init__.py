@@ -14,6 +14,7 @@ BENCHMARK_MODULES = [
     "rlft.benchmarks.conditional",  # rlft bench conditional (issue 19)
     "rlft.benchmarks.smeme",  # rlft bench smeme (issue 17)
     "rlft.benchmarks.adjoint_matching",  # rlft bench adjoint-matching (issue 17)
+    "rlft.benchmarks.scale",  # rlft bench scale (issue 20)
 ]
 
 

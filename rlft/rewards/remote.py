@@ -116,8 +116,9 @@ class RewardPool(Reward):
 
         device = "cuda" if self._resources["num_gpus"] > 0 else "cpu"
         cls = ray.remote(RewardWorker).options(max_restarts=self.max_retries, max_task_retries=0, **self._resources)
-        context = ray.put(self._context) if self._context else {}
-        self._actors = [cls.remote(self.spec, context, device) for _ in range(self.workers)]
+        # kept for the pool's lifetime: a restarted actor fetches its constructor's arguments again
+        self._context_ref = ray.put(self._context) if self._context else {}
+        self._actors = [cls.remote(self.spec, self._context_ref, device) for _ in range(self.workers)]
 
     def actors(self) -> list:
         """The actor handles (tests kill one to check the retry)."""
@@ -200,6 +201,15 @@ class RewardPool(Reward):
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
+
+
+def pool_bundles(spec: dict[str, Any] | None) -> list[dict[str, float]]:
+    """Placement-group bundles a trial reserves for its reward actors (none unless the mapping has `workers:`)."""
+    if not isinstance(spec, dict) or "workers" not in spec:
+        return []
+    gpus = float(spec.get("num_gpus", 0.0))
+    bundle = {"CPU": float(spec.get("num_cpus", 1.0)), **({"GPU": gpus} if gpus > 0 else {})}
+    return [dict(bundle) for _ in range(int(spec["workers"]))]
 
 
 def check_pool_options(workers: Any, batch_size: Any, num_cpus: Any, num_gpus: Any, max_retries: Any, path: str = "reward") -> None:

@@ -27,6 +27,7 @@ from rlft.run.storage import log
 from rlft.run.quiet import quiet_ray
 import rlft.run.rows as rows
 from rlft.run.trial import trial_main, trial_task
+from rlft.rewards.remote import pool_bundles
 from rlft.run_config import RunConfig, SweepGrid, run_config_of
 
 
@@ -252,6 +253,7 @@ def trial_resources(config: dict[str, Any]):
     learner_cls, _ = check_learner_spec(task.learner)
     hook = getattr(learner_cls, "trial_resources", None)
     bundles = hook(task, run) if callable(hook) else run.resource_bundles()
+    bundles = bundles + pool_bundles(task.reward) * run.workers_per_trial  # reward actors: each data-parallel worker's own
     return PlacementGroupFactory(bundles, strategy="PACK")
 
 

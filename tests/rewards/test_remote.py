@@ -172,3 +172,51 @@ def test_http_options_are_checked():
         check_reward_spec({"type": "http", "url": "http://x", "timeout": 3})
     with pytest.raises(ValueError, match="url must start with http"):
         build_reward({"type": "http", "url": "ftp://x"})
+
+
+# -- a reward actor killed mid-run ------------------------------------------------------------------------
+
+
+class DyingReward:
+    """The quadratic reward, except that on its `die_at`-th call the actor's process exits (once: a marker file)."""
+
+    def __init__(self, marker: str, die_at: int = 3) -> None:
+        self.reward, self.marker, self.die_at, self.calls = build_reward(QUAD), marker, die_at, 0
+
+    def __call__(self, x):
+        import os
+        from pathlib import Path
+
+        self.calls += 1
+        if self.calls == self.die_at and not Path(self.marker).exists():
+            Path(self.marker).write_text("died once")
+            os._exit(1)  # the actor dies as on an OOM kill; Ray restarts it and the pool resends the chunk
+        return self.reward(x)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_reward_actor_mid_run_records_every_iteration_once(ray_session, tmp_path, capsys):
+    import yaml
+
+    from rlft import cli
+
+    marker = tmp_path / "died"
+    data = {
+        "model": {"type": "gmm", "weights": [0.5, 0.5], "means": [[1.5, 1.0], [-1.5, -1.0]], "stds": [0.5, 0.5]},
+        "reward": {"type": "tests.rewards.test_remote:DyingReward", "marker": str(marker), "workers": 1,
+                   "num_cpus": 0.25, "max_retries": 2},
+        "alpha": 1.0, "num_steps": 10, "seed": 3, "learner": {"type": "tests.run.test_runner:LinearLearner"},
+        "run": {"iterations": 5, "eval_every": 2, "eval_samples": 200, "checkpoint_every": 2, "loggers": ["csv"],
+                "storage_path": str(tmp_path / "results"), "max_concurrent_trials": 1, "max_failures": 0},
+    }
+    config = tmp_path / "dying.yaml"
+    config.write_text(yaml.safe_dump(data))
+    code = cli.main(["train", str(config), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    out = json.loads(captured.out)
+    assert marker.is_file() and out["status"] == "TERMINATED" and out["iteration"] == 5
+    rows = [json.loads(line) for line in open(out["history_path"])]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+    assert out["reward_queries"] == 5 * 64  # counted as in process: the retried chunk is not counted twice
