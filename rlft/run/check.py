@@ -272,12 +272,13 @@ def check_resume(path: str, task: TaskConfig, model: Any) -> None:
             ckpt_task = json.loads(state_file.read_text()).get("task")
         except (OSError, ValueError):
             continue
-        if isinstance(ckpt_task, dict):
-            compare_tasks(ckpt_task, task, f"checkpoint {ckpt}")
+        if isinstance(ckpt_task, dict):  # a trial's values (a sweep's grid) and a wrapped learner may differ here
+            compare_tasks(ckpt_task, task, f"checkpoint {ckpt}", shape_only=True)
 
 
-def compare_tasks(saved: dict[str, Any], task: TaskConfig, what: str) -> None:
-    """Refuses a saved task whose model, dimension or learner type differs from `task` (naming the mismatch)."""
+def compare_tasks(saved: dict[str, Any], task: TaskConfig, what: str, shape_only: bool = False) -> None:
+    """Refuses a saved task whose model, dimension or learner type differs from `task` (naming the mismatch);
+    with `shape_only`, only the model type and the dimension are compared."""
     from rlft.config import model_config_from_dict
 
     try:
@@ -292,6 +293,8 @@ def compare_tasks(saved: dict[str, Any], task: TaskConfig, what: str) -> None:
         mismatch = f"model type {saved_model.get('type')!r} there, {mine['type']!r} here"
     elif isinstance(saved_model, dict) and _dim(saved_model) != _dim(mine):
         mismatch = f"dimension {_dim(saved_model)} there, {_dim(mine)} here"
+    elif shape_only:
+        pass
     elif saved_learner != learner:
         mismatch = f"learner type {saved_learner!r} there, {learner!r} here"
     elif saved_model != mine:

@@ -35,6 +35,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,19 +228,25 @@ def _restore(learner: Learner, ckpt, label: str) -> tuple[dict[str, Any], list[d
     the newest older checkpoint of the trial that passes is used instead (`_older_checkpoints`)."""
     if ckpt is None:
         return {}, []
-    for candidate in [ckpt, *_older_checkpoints(ckpt)]:
+    error: CheckpointError | None = None  # the newest checkpoint's
+    skipped: tuple[Any, CheckpointError] | None = None  # the last one that failed
+    for tried, candidate in enumerate(_candidates(ckpt)):
+        if skipped is not None:  # say so now that an older checkpoint exists to use instead
+            log(f"[{label}] warning: skipping the damaged checkpoint {skipped[0]}: {skipped[1]}; trying {candidate.path}")
         with candidate.as_directory() as directory:
             try:
                 state = read_checkpoint_state(directory)
             except CheckpointError as err:
-                log(f"[{label}] warning: skipping the damaged checkpoint {candidate.path}: {err}")
+                error, skipped = error or err, (getattr(candidate, "path", candidate), err)
                 continue
             learner.load_checkpoint(os.path.join(directory, LEARNER_DIR))
             history = read_history(directory)
             break
     else:
-        raise CheckpointError(f"no checkpoint of this trial passes its manifest check (newest: {ckpt.path}); "
-                              "start the experiment again without --resume")
+        if tried == 0:
+            raise error
+        raise CheckpointError(f"{error} (and no older checkpoint of this trial passes its manifest check: start the "
+                              "experiment again without --resume)") from None
     if learner.iteration != state[ITERATION]:
         raise RuntimeError(f"{type(learner).__name__}.load_checkpoint restored iteration {learner.iteration}, "
                            f"but the checkpoint was written at iteration {state[ITERATION]}")
@@ -248,14 +255,20 @@ def _restore(learner: Learner, ckpt, label: str) -> tuple[dict[str, Any], list[d
     return state, history
 
 
+def _candidates(ckpt) -> Iterator:
+    """Tune's checkpoint, then (listed only when asked for) the trial's older checkpoint_<n> directories, newest first."""
+    yield ckpt
+    yield from _older_checkpoints(ckpt)
+
+
 def _older_checkpoints(ckpt) -> list:
     """The trial's checkpoint_<n> directories older than Tune's `ckpt`, newest first (local or cloud storage)."""
     import pyarrow.fs
     from ray import tune
 
-    parent, name = os.path.split(ckpt.path.rstrip("/"))
+    parent, name = os.path.split(str(getattr(ckpt, "path", "")).rstrip("/"))
     number = checkpoint_number(name)
-    if number is None:
+    if number is None or getattr(ckpt, "filesystem", None) is None:
         return []
     infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
     older = [(n, i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory
