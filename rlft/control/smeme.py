@@ -89,7 +89,10 @@ class SMEMEOptions(AdjointMatchingOptions):
     lr_final each round). Measured on the 10:1 two-cluster bench task at K = 50 (one run, shared machine): lr 3e-3
     reaches 26 / 40 / 38 % of the way to each round's exact target entropy with energy distance 1.8 / 4.5 / 8.4x the
     floor (too slow); lr 1e-2 reaches the targets (PF-ODE estimates 1.65 / 2.05 / 2.34 against 1.72 / 2.09 / 2.43,
-    pretrained 1.18 estimated, 1.31 exact) at 1.1 / 1.4 / 2.4x the floor.
+    pretrained 1.18 estimated, 1.31 exact) at 1.1 / 1.4 / 2.4x the floor. NOT general yet: on the bench's second
+    mixture ("alt", 6:3:1, stds 0.5 / 0.3 / 0.4, K = 50) the same defaults move the estimate 1.93 -> 2.03 against an
+    exact 2.91 after 3 rounds (11 % of the way; small-cluster mass 0.105 -> 0.177, exact 0.220), although the energy
+    distance is 1.9x the floor (it barely sees a too-narrow spread at n = 2000).
     """
 
     rounds: int = 3
