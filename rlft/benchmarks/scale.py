@@ -3,7 +3,8 @@ and reward-actor throughput against in-process evaluation (issue 20).
 
 Updates. A differentiable learner (`--learner`, default no_kl) on a D-dimensional GMM chain (`--dim`, default 8;
 K = `--num-steps`) with a global batch of B paths (`--batch-size`), one drift update per iteration, timed by the
-wall clock (several processes take part), median over `--updates` updates after one warm-up iteration:
+wall clock (several processes take part), median over `--updates` updates after one warm-up iteration, each
+data-parallel setting interleaved update by update with a fresh in-process learner (ratios within one pair):
     in-process     `learner.train_iteration()` in this process (what run.workers_per_trial = 1 runs: nothing else
                    is started, so the runner's N = 1 path is this one exactly);
     dp N=1         `rlft.run.parallel.DataParallel` with world size 1 (process group, gradient all-reduce and metric
@@ -89,17 +90,25 @@ def task_data(a: argparse.Namespace, workers: int) -> dict[str, Any]:
 
 
 def _median_time(step: Callable[[], Any], n: int) -> float:
-    step()  # warm-up (and the learner's setup)
-    times = []
-    for _ in range(n):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    return statistics.median(_times([step], n)[0])
+
+
+def _times(steps: list[Callable[[], Any]], n: int) -> list[list[float]]:
+    """Wall times of n calls of each step, the steps interleaved (so a change of load hits them alike), after one
+    warm-up call each (which also runs the learner's setup)."""
+    for step in steps:
         step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    out: list[list[float]] = [[] for _ in steps]
+    for _ in range(n):
+        for i, step in enumerate(steps):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out[i].append(time.perf_counter() - t)
+    return out
 
 
 def bench_updates(a: argparse.Namespace) -> dict[str, Any]:
@@ -117,18 +126,19 @@ def bench_updates(a: argparse.Namespace) -> dict[str, Any]:
         return build_learner(task, model, build_reward(task.reward, model=model)), task, run
 
     out: dict[str, Any] = {}
-    learner, _, _ = learner_for(1)
-    out["in_process_s"] = _median_time(learner.train_iteration, a.updates)
-    for workers, key in ((1, "dp1_s"), (2, "dp2_s")):
+    for workers in (1, 2):  # each against an in-process learner, interleaved update by update
+        plain = learner_for(1)[0]
         learner, task, run = learner_for(workers)
         group = DataParallel(learner, task, run)  # world size 1: the process group and the all-reduce, no replica
         try:
-            out[key] = _median_time(group.train_iteration, a.updates)
+            base, dp = (statistics.median(t) for t in _times([plain.train_iteration, group.train_iteration], a.updates))
         finally:
             group.close()
+        out[f"in_process_s_vs_dp{workers}"], out[f"dp{workers}_s"] = base, dp
+    out["in_process_s"] = statistics.median([out["in_process_s_vs_dp1"], out["in_process_s_vs_dp2"]])
     out["updates_per_s"] = {"in_process": 1 / out["in_process_s"], "dp1": 1 / out["dp1_s"], "dp2": 1 / out["dp2_s"]}
-    out["dp1_overhead"] = out["dp1_s"] / out["in_process_s"] - 1
-    out["dp2_speedup"] = out["in_process_s"] / out["dp2_s"]
+    out["dp1_overhead"] = out["dp1_s"] / out["in_process_s_vs_dp1"] - 1
+    out["dp2_speedup"] = out["in_process_s_vs_dp2"] / out["dp2_s"]
     return out
 
 
@@ -177,9 +187,9 @@ def run(a: argparse.Namespace) -> int:
     if "updates" not in a.skip:
         result["updates"] = bench_updates(a)
         u = result["updates"]
-        print(f"updates (B={a.batch_size}, D={a.dim}, K={a.num_steps}): in-process {u['in_process_s']:.3f} s/update, "
-              f"dp N=1 {u['dp1_s']:.3f} s ({100 * u['dp1_overhead']:+.1f} %), dp N=2 {u['dp2_s']:.3f} s "
-              f"(speed-up x{u['dp2_speedup']:.2f})", file=sys.stderr)
+        print(f"updates (B={a.batch_size}, D={a.dim}, K={a.num_steps}): in-process {u['in_process_s_vs_dp1']:.3f} s/update vs "
+              f"dp N=1 {u['dp1_s']:.3f} s ({100 * u['dp1_overhead']:+.1f} %); in-process {u['in_process_s_vs_dp2']:.3f} s vs "
+              f"dp N=2 {u['dp2_s']:.3f} s (speed-up x{u['dp2_speedup']:.2f})", file=sys.stderr)
     if "rewards" not in a.skip:
         result["rewards"] = bench_rewards(a)
         r = result["rewards"]
