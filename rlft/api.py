@@ -238,7 +238,8 @@ def _rllib_control(learner_dir: Path, state: dict[str, Any], task: TaskConfig, m
     tensors = checkpoint.load_tensors(learner_dir / RLLIB_WEIGHTS)
     module = _module_weights(tensors, state.get("learner_state"))
     weights = {k[len(MEAN_NET):]: torch.as_tensor(v) for k, v in module.items() if k.startswith(MEAN_NET)}
-    cond_dim = 0 if not model.cond_shape else int(torch.Size(model.cond_shape).numel())
+    conditions = conditions_of(task)  # reward-only conditioning: the policy still reads the condition (its obs)
+    cond_dim = int(torch.Size(model.cond_shape).numel()) if model.cond_shape else (conditions.dim if conditions else 0)
     control = DriftControl(config, model.event_dim, cond_dim)
     try:
         control.mean_net.load_state_dict(weights)

@@ -292,9 +292,10 @@ def test_the_drift_env_gives_each_group_one_training_condition_and_the_reward_ge
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_grpo_on_a_conditional_task(ray_session):
+def test_grpo_on_a_conditional_task(ray_session, tmp_path):
     """One iteration on a conditional task: the policy sees the condition (obs D + 1 + d), every batch group holds one
-    condition (the connector raises otherwise), and the control takes cond."""
+    condition (the connector raises otherwise), the control takes cond, and `rlft.load` rebuilds it without Ray."""
+    from rlft.api import load
     from rlft.config import task_from_dict
     from rlft.learners import build_learner
     from rlft.models import build_model
@@ -310,6 +311,9 @@ def test_grpo_on_a_conditional_task(ray_session):
         metrics = learner.train_iteration()
         assert np.isfinite(metrics["group_return_std"]) and learner.reward_queries == 16
         x, c = torch.randn(5, 2), torch.tensor([[1.0, 0.5]]).expand(5, 2)
-        assert learner.control()(1, x, c).shape == (5, 2)
+        expected = learner.control()(1, x, c)
+        assert expected.shape == (5, 2) and not torch.equal(expected, learner.control()(1, x, -c))  # it reads c
+        learner.save_checkpoint(str(tmp_path))
     finally:
         learner.algo.stop()
+    assert torch.allclose(load(tmp_path).control(1, x, c), expected, atol=1e-6)
