@@ -54,7 +54,7 @@ class Progress:
         for group in TRAIN_KEYS:
             for key in group:
                 if _number(train.get(key)):
-                    shown.append(f"train {key.replace('_', ' ')} {train[key]:.4g}")
+                    shown.append(f"train {key.removeprefix('train_').replace('_', ' ')} {train[key]:.4g}")
                     break
         if shown:
             parts.append(" ".join(shown))

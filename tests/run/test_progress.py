@@ -28,7 +28,7 @@ def test_eta_is_mean_time_per_iteration_times_those_left():
     assert p.eta(15, now=120.0) == pytest.approx(100.0)
     line = p.line(15, {"train_objective": -2.5}, {"reward": 1.25, "kl": 0.5, "gap_closure": 0.75}, 10, now=120.0)
     assert line.startswith("[a=1] 15/40  4 s/it  ETA 1:40")
-    assert "train train objective -2.5" in line and "eval@10 reward 1.25 kl 0.5 gap 0.75" in line
+    assert "train objective -2.5" in line and "train train" not in line and "eval@10 reward 1.25 kl 0.5 gap 0.75" in line
     assert "\x1b[" not in line
 
 
