@@ -7,6 +7,7 @@ B paths drawn from the same N seed streams. The reference is computed in this pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -130,3 +131,61 @@ def test_rlft_train_with_two_workers_reports_world_size(ray_session, tmp_path, c
     rows = [json.loads(line) for line in open(out[2]["history_path"])]
     assert [r["iteration"] for r in rows] == list(range(1, 21))
     assert abs(out[2]["gap_closure"] - out[1]["gap_closure"]) < 0.15, (out[1]["gap_closure"], out[2]["gap_closure"])
+
+
+# -- a data-parallel worker killed mid-run ------------------------------------------------------------------
+
+from rlft.control.baselines import NoKLLearner, NoKLOptions  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class DyingOptions(NoKLOptions):
+    """NO KL's options and a one-time failure of data-parallel rank 1."""
+
+    die_at: int = 0
+    """The iteration at which rank 1's process exits (once: `marker`)."""
+    marker: str = ""
+    """A file written when rank 1 dies, so the restarted trial's rank 1 lives."""
+
+
+class DyingLearner(NoKLLearner):
+    """NO KL, except that rank 1 of a data-parallel group exits at iteration `die_at` once (as on a lost node)."""
+
+    Options = DyingOptions
+    name = "tests.run.test_scale:DyingLearner"
+
+    def train_iteration(self):
+        import os
+        from pathlib import Path
+
+        import torch.distributed as dist
+
+        o = self.options
+        if dist.is_initialized() and dist.get_rank() == 1 and self.iteration + 1 == o.die_at and not Path(o.marker).exists():
+            Path(o.marker).write_text("rank 1 died once")
+            os._exit(1)
+        return super().train_iteration()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(560)
+def test_killed_worker_restarts_the_trial_from_its_checkpoint(ray_session, tmp_path, capsys):
+    """Rank 1 dies at iteration 4 (checkpoint at 2): the trial fails, Tune restarts it from iteration 2 under
+    max_failures = 1, and the history holds every iteration exactly once."""
+    import yaml
+
+    from rlft import cli
+
+    marker = tmp_path / "died"
+    data = _task(workers=2, type="tests.run.test_scale:DyingLearner", die_at=4, marker=str(marker))
+    data["run"] = {**data["run"], "iterations": 5, "eval_every": 5, "eval_samples": 200, "checkpoint_every": 2,
+                   "storage_path": str(tmp_path), "name": "dying", "loggers": ["csv"], "max_failures": 1}
+    path = tmp_path / "dying.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = cli.main(["train", str(path), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    out = json.loads(captured.out)
+    assert marker.is_file() and out["iteration"] == 5 and out["world_size"] == 2
+    rows = [json.loads(line) for line in open(out["history_path"])]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
