@@ -25,9 +25,10 @@ What runs where:
   keeps the learner's own stream, so on resume rank 0 repeats the one-worker run's draws exactly and the
   replicas start fresh streams;
 - metrics are averaged over the ranks; reward queries are summed (each rank counts its own, as today).
-If a replica dies mid-update, rank 0's all-reduce fails after `COLLECTIVE_TIMEOUT_S`, the trial fails, and
-Tune restarts it from its last checkpoint under `run.max_failures` (no iteration is reported twice: the
-rows since that checkpoint were never reported, `rlft.run.trial`).
+If a replica's process dies mid-update, rank 0's all-reduce fails at once (gloo sees the closed connection; a
+replica that hangs instead fails it after `COLLECTIVE_TIMEOUT_S`), the trial fails, and Tune restarts it from
+its last checkpoint under `run.max_failures`; no iteration is lost or reported twice, because the rows since
+that checkpoint were never reported (`rlft.run.trial`; tests/run/test_scale.py kills rank 1 to check this).
 """
 
 from __future__ import annotations
