@@ -92,7 +92,9 @@ class SMEMEOptions(AdjointMatchingOptions):
     pretrained 1.18 estimated, 1.31 exact) at 1.1 / 1.4 / 2.4x the floor. NOT general yet: on the bench's second
     mixture ("alt", 6:3:1, stds 0.5 / 0.3 / 0.4, K = 50) the same defaults move the estimate 1.93 -> 2.03 against an
     exact 2.91 after 3 rounds (11 % of the way; small-cluster mass 0.105 -> 0.177, exact 0.220), although the energy
-    distance is 1.9x the floor (it barely sees a too-narrow spread at n = 2000).
+    distance is 1.9x the floor (it barely sees a too-narrow spread at n = 2000). On the 10:1 mixture at K = 100
+    (`rlft bench smeme --tasks 10to1`, 221 s CPU): 1.27 -> 1.40 / 1.78 / 2.07 against 1.72 / 2.09 / 2.43 (71 % of
+    the way), energy distance 2.7 / 3.3 / 3.5x the floor, small-cluster mass 0.089 -> 0.177 (exact 0.280).
     """
 
     rounds: int = 3
