@@ -118,7 +118,7 @@ def check_experiment(config: str, overrides: dict[str, Any], sweep: bool = False
     path = join(run.storage_path, run.name or f"{Path(config).stem}_<date-time>")
     report = CheckReport(data, task, run, grid, path)
     model, reward_line = check_model_and_reward(task)
-    if resume and run.name:
+    if resume and run.name and where != "submit":  # a submitted job resumes from the cluster's storage
         check_resume(path, task, model)
     learner = (task.learner or {}).get("type", "elegant")
     options = {k: v for k, v in (task.learner or {}).items() if k != "type"}

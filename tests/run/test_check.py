@@ -6,10 +6,12 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 import rlft.cli as cli
+from rlft.config import ConfigError
 from rlft.run.check import CHECK_BATCH, check_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +81,11 @@ def test_sweep_and_resume_summary(tmp_path):
     task = {**TASK, "sweep": {"alpha": [0.5, 1.0]}}
     report = check_experiment(str(_write(tmp_path, task)), {}, sweep=True)
     assert any("2 x 3 iterations" in line and "alpha" in line for line in report.lines)
+
+
+def test_submit_resume_is_not_looked_up_locally(tmp_path):
+    """`rlft submit --resume` continues an experiment in the cluster's storage: nothing local is required."""
+    config = str(_write(tmp_path, TASK))
+    check_experiment(config, {}, resume=True, where="submit")
+    with pytest.raises(ConfigError, match="holds no rlft experiment"):
+        check_experiment(config, {}, resume=True)
