@@ -50,7 +50,9 @@ the bench's 2-D task at alpha = 0.1 (one seed, 2000 evaluation samples; `rlft be
   u, equals delta* only at u = u*, and the first iterates overshoot (KL 9.4 at 100 updates, 3x the optimum). On a
   linear-Gaussian chain its sensitivity to the later steps' controls is ~ lambda Sigma_k / alpha (Sigma_k: the
   variance still to come), i.e. grows like 1/alpha, which is where the default does worst. Annealing alpha
-  geometrically from 1 to 0.1 over the first half of the updates did not help (200 updates: 0.884, 30x, KL 6.1).
+  geometrically from 1 to 0.1 over the first half of the updates did not help (200 updates: 0.884, 30x, KL 6.1),
+  nor did lr 1e-3 (0.801, 177x, KL 3.7: the right size, mass still in the wrong modes) or batch 512 (0.888, 33x,
+  KL 5.5); at batch 1024 the lean adjoint overflowed float32 on a rare path (non-finite gradient at update 53).
 
 Options: `AdjointMatchingOptions`; machinery (windows, seeds, schedule, clipping, checkpoints): the base
 `rlft.control.rollout.DifferentiableLearner`. Reward gradients count as reward queries (B per update).
