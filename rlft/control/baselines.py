@@ -49,6 +49,11 @@ class CutOptions(ElegantOptions):
     """Keep the alpha-weighted KL in the drift loss (ELEGANT §8 runs these baselines without it)."""
 
     def __post_init__(self) -> None:
+        if self.drift_solver != "backprop":
+            raise ConfigError(
+                f"learner.drift_solver {self.drift_solver!r} is for type elegant (got it on a learner that cuts the path's "
+                "gradient, which Adjoint Matching's regression would silently ignore); leave drift_solver: backprop"
+            )
         super().__post_init__()
         if self.pathwise_weight is not None and self.pathwise_weight < 1.0:
             raise ConfigError(

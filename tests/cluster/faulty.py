@@ -40,7 +40,10 @@ def experiment(storage: str | os.PathLike, name: str, iterations: int, checkpoin
     return {
         "model": GMM, "reward": {"type": "quadratic", "center": [1.0, 0.0]}, "num_steps": 4,
         "learner": {"type": LEARNER, **learner},
-        "run": {"iterations": iterations, "checkpoint_every": checkpoint_every, "eval_every": 1, "eval_samples": 10,
+        "run": {"iterations": iterations, "checkpoint_every": checkpoint_every,
+                # evaluations only at checkpoints: a new best evaluation is checkpointed too (rlft.run.trial), and the
+                # tests count on the restore points being exactly every `checkpoint_every` iterations
+                "eval_every": checkpoint_every, "eval_samples": 10,
                 "storage_path": str(storage), "name": name, "loggers": ["csv", "tensorboard"],
                 "max_concurrent_trials": 2, "max_failures": 1},
         "sweep": {"alpha": [0.5, 1.0]},

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from unittest import mock
 import yaml
 
 import rlft.cli as cli
@@ -114,6 +115,8 @@ CASES: list[tuple[str, dict, list[str], list[str]]] = [
     ("learner_lr_negative", {"learner.lr": -1.0}, [], ["learner.lr must be", "e.g. 1e-3"]),
     ("learner_divergence", {"learner.divergence": "foo"}, [], ["unknown divergence 'foo'", "choose one of"]),
     ("learner_bool", {"learner.learn_init": "yes"}, [], ["learner.learn_init must be true or false", "'yes'"]),
+    ("truncation_am_solver", {"learner": {"type": "truncation", "drift_solver": "adjoint_matching"}}, [],
+     ["learner.drift_solver 'adjoint_matching' is for type elegant", "leave drift_solver: backprop"]),
     # -- run: ----------------------------------------------------------------------------------------------
     ("run_unknown_key", {"run.iterationz": 5}, [], ["run.iterationz is not a known key", "valid keys"]),
     ("iterations_zero", {"run.iterations": 0}, [], ["run.iterations must be >= 1", "got 0"]),
@@ -216,13 +219,18 @@ def _snapshot(root: Path) -> list[str]:
 
 
 def _run(argv: list[str], capsys, rllib: bool = False) -> tuple[int, str]:
+    """Runs the CLI; asserts that it neither imported Ray (unless an RLlib learner's module must) nor started it
+    (a spy on `rlft.run.cli.init_ray`: the test session may have a Ray of its own running already)."""
+    import rlft.run.cli as run_cli
+
     before = "ray" in sys.modules
-    code = cli.main(argv)
+    started: list[str] = []
+    with mock.patch.object(run_cli, "init_ray", side_effect=lambda *a, **k: started.append("init_ray")):
+        code = cli.main(argv)
     err = capsys.readouterr().err
     if not before and not rllib:
         assert "ray" not in sys.modules, f"{argv} imported Ray"
-    if "ray" in sys.modules:  # an RLlib learner's module imports Ray; nothing may start it
-        assert not sys.modules["ray"].is_initialized(), f"{argv} started Ray"
+    assert not started, f"{argv} started Ray"
     return code, err
 
 
