@@ -15,6 +15,7 @@ BENCHMARK_MODULES = [
     "rlft.benchmarks.smeme",  # rlft bench smeme (issue 17)
     "rlft.benchmarks.adjoint_matching",  # rlft bench adjoint-matching (issue 17)
     "rlft.benchmarks.scale",  # rlft bench scale (issue 20)
+    "rlft.benchmarks.dg",  # rlft bench dg (issue 18)
 ]
 
 

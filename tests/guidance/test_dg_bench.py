@@ -1,0 +1,86 @@
+"""`rlft bench dg` on a tiny grid: its E_phi and gradient profile pinned by the exact and the zero discriminator.
+
+With the exact log-ratio l = log q_P,k - log q_P~,k plugged in as the discriminator, grad l IS the exact correction:
+E_phi must be ~0 (to float64 round-off), the refinement value E_theta - E_phi equals E_theta, and |grad l| equals
+|exact correction| along the profile line. With the sign flipped (l -> -l), E_phi = 4 E_theta exactly (the error is
+twice the exact correction). With l = 0, E_phi = E_theta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import rlft.benchmarks.dg as dg
+from rlft.models.gmm import GaussianMixture
+
+
+class ExactLogRatio(nn.Module):
+    """l(x, n_k) = sign (log q_P,k(x) - log q_P~,k(x)), the level looked up by the noise std n_k."""
+
+    def __init__(self, levels, sign: float = 1.0) -> None:
+        super().__init__()
+        self.noise_std, self.sign = levels.noise_std.double(), sign
+        p = GaussianMixture.create(dg.P["weights"], dg.P["means"], dg.P["stds"])
+        q = GaussianMixture.create(dg.P_WRONG["weights"], dg.P_WRONG["means"], dg.P_WRONG["stds"])
+        ab = (levels.signal.double() ** 2).tolist()
+        self.p, self.q = [p.diffuse(a) for a in ab], [q.diffuse(a) for a in ab]
+
+    def forward(self, x: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
+        k = int(torch.argmin((self.noise_std - float(noise_std[0])).abs()))
+        return self.sign * (self.p[k].log_prob(x) - self.q[k].log_prob(x))
+
+
+class Zero(nn.Module):
+    def forward(self, x, noise_std):
+        return 0.0 * x.sum(1)
+
+
+def _args(tmp_path, **kw) -> argparse.Namespace:
+    base = dict(objectives=["ce", "mse_ce"], widths=[8], sizes=[40, 80], updates=2, batch_size=16, gamma=1.0,
+                num_steps=10, eval_samples=200, seed=0, threads=1, out=str(tmp_path / "out"), json=True)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _levels(args):
+    return dg.build("ce", 8, 40, args).levels
+
+
+def test_e_phi_of_the_exact_correction_is_zero_and_its_profile_matches(tmp_path):
+    args = _args(tmp_path)
+    c = dg.cell("ce", 8, 40, args, logit=ExactLogRatio(_levels(args)))
+    assert c["e_theta"] > 1.0  # the wrong mixture is far off
+    assert c["e_phi"] == pytest.approx(0.0, abs=1e-9 * c["e_theta"])
+    assert c["refinement"] == pytest.approx(c["e_theta"], rel=1e-9)
+    for figures in c["profile"]["levels"].values():
+        torch.testing.assert_close(torch.tensor(figures["grad_norm"]), torch.tensor(figures["exact_norm"]),
+                                   rtol=1e-9, atol=1e-9)
+        assert max(figures["exact_norm"]) > 0.5  # the line crosses the shifted mode: a real correction there
+    assert c["energy_distance"] < c["pretrained_energy_distance"]
+
+
+def test_e_phi_of_the_flipped_and_of_the_zero_discriminator(tmp_path):
+    args = _args(tmp_path)
+    flipped = dg.cell("ce", 8, 40, args, logit=ExactLogRatio(_levels(args), sign=-1.0))
+    assert flipped["e_phi"] == pytest.approx(4.0 * flipped["e_theta"], rel=1e-9)  # |-e - e|^2 = 4 |e|^2
+    zero = dg.cell("ce", 8, 40, args, logit=Zero())
+    assert zero["e_phi"] == pytest.approx(zero["e_theta"], rel=1e-12) and zero["refinement"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_bench_runs_a_tiny_grid_and_writes_json_table_and_pngs(tmp_path, capsys):
+    args = _args(tmp_path)
+    assert dg.run(args) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert [(c["objective"], c["n"]) for c in result["cells"]] == [("ce", 40), ("ce", 80), ("mse_ce", 40), ("mse_ce", 80)]
+    for c in result["cells"]:
+        assert c["refinement"] == pytest.approx(c["e_theta"] - c["e_phi"]) and c["energy_distance_floor"] > 0
+    assert "E_phi" in err and "ED/floor" in err
+    assert [p.rsplit("/", 1)[1] for p in result["pngs"]] == ["dg_gradient_norm.png", "dg_samples.png"]
+    assert all((tmp_path / "out" / name).stat().st_size > 0 for name in ("dg_gradient_norm.png", "dg_samples.png",
+                                                                         "results.json"))
