@@ -10,6 +10,10 @@ for `--updates` Adam steps and reports (BOOST Thm 4, Thm 6):
   ED, floor        energy distance of refined samples to exact samples of P, and the exact-vs-exact floor
   ED pre           the uncorrected model's energy distance
 
+`--optimum` adds a row per N for the fully over-fitted discriminator l* = log q^_N,k - log q~_k (the N data points
+diffused to level k): the minimiser of every objective on the finite data set (Thm 6's limit). It costs O(N) per
+evaluation of l*: about a minute at N = 3000 on one core, far more at N = 30000.
+
 PNGs (in --out): `dg_gradient_norm.png`, |grad l_phi| against |exact correction| along the line y = 2 (through the
 shifted mode) at a low- and a mid-noise level, for the extreme cells (smallest and largest N, widest net), as the
 thesis's Fig. 3.1; `dg_samples.png`, refined samples of those cells beside P~ and P, as Fig. 3.3. `--json` prints
@@ -43,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--gamma", type=float, default=1.0, help="gamma of mse_ce (default 1)")
     p.add_argument("--num-steps", type=int, default=50, help="chain steps K (default 50)")
     p.add_argument("--eval-samples", type=int, default=4000, help="samples for the energy distance (default 4000)")
+    p.add_argument("--optimum", action="store_true",
+                   help="add a row per N for the fully over-fitted discriminator log q^_N,k - log q~_k (Thm 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="rlft_bench_dg", help="directory for PNGs and results.json")
@@ -92,6 +98,32 @@ def gradient_profile(learner) -> dict[str, Any]:
     return out
 
 
+def empirical_optimum(learner):
+    """l*(x, n_k) = log q^_N,k(x) - log q~_k(x), q^_N,k the N data points diffused to level k: the logit every objective
+    (CE, J_MSE, both) is minimised by on the finite data set when trained to convergence with no inductive bias, i.e.
+    the fully over-fitted discriminator of Thm 6."""
+    import torch
+
+    from rlft.models.gmm import GaussianMixture
+
+    class EmpiricalLogRatio(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            data = learner.samples()[0].double()
+            lv, weights = learner.levels, torch.full((data.shape[0],), 1.0 / data.shape[0], dtype=torch.float64)
+            self.noise_std = lv.noise_std.double()
+            self.p = [GaussianMixture(weights, float(a) * data, torch.full_like(weights, float(n)))
+                      for a, n in zip(lv.signal.double(), self.noise_std)]
+            q = learner.model.data  # the pretrained chain's mixture P~
+            self.q = [q.diffuse(float(a) ** 2) for a in lv.signal.double()]
+
+        def forward(self, x: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
+            k = int(torch.argmin((self.noise_std - float(noise_std[0])).abs()))
+            return self.p[k].log_prob(x.double()) - self.q[k].log_prob(x.double())
+
+    return EmpiricalLogRatio()
+
+
 def cell(objective: str, width: int, n_data: int, args, logit=None) -> dict[str, Any]:
     """Train (or, with `logit`, plug in a given logit network instead) and evaluate one cell."""
     import torch
@@ -101,7 +133,9 @@ def cell(objective: str, width: int, n_data: int, args, logit=None) -> dict[str,
 
     learner = build(objective, width, n_data, args)
     start = time.perf_counter()
-    if logit is None:
+    if logit == "optimum":
+        learner.control().discriminator = empirical_optimum(learner)
+    elif logit is None:
         while learner.drift_updates < learner.options.drift_iterations:
             learner.train_iteration()
     else:
@@ -197,7 +231,12 @@ def run(args) -> int:
                 c = cells[-1]
                 print(f"[dg] {objective} width {width} N {n_data}: E_phi {c['e_phi']:.3f} ED {c['energy_distance']:.4f} "
                       f"({c['train_s']:.0f} s)", file=sys.stderr, flush=True)
-    paths = plot(cells, args)
+    for n_data in args.sizes if args.optimum else ():
+        cells.append(cell("ce", 8, n_data, args, logit="optimum"))  # the width is unused: the logit is given
+        cells[-1].update(objective="optimum", width=0)
+        print(f"[dg] over-fitted optimum N {n_data}: E_phi {cells[-1]['e_phi']:.3f} "
+              f"ED {cells[-1]['energy_distance']:.4f}", file=sys.stderr, flush=True)
+    paths = plot([c for c in cells if c["objective"] != "optimum"], args)
     slim = [{k: v for k, v in c.items() if k not in ("profile", "samples")} for c in cells]
     result = {"cells": slim, "pretrained": {"e_theta": slim[0]["e_theta"] if slim else None,
                                             "energy_distance": slim[0]["pretrained_energy_distance"] if slim else None},

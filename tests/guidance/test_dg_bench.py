@@ -42,7 +42,7 @@ class Zero(nn.Module):
 
 def _args(tmp_path, **kw) -> argparse.Namespace:
     base = dict(objectives=["ce", "mse_ce"], widths=[8], sizes=[40, 80], updates=2, batch_size=16, gamma=1.0,
-                num_steps=10, eval_samples=200, seed=0, threads=1, out=str(tmp_path / "out"), json=True)
+                num_steps=10, eval_samples=200, seed=0, threads=1, out=str(tmp_path / "out"), json=True, optimum=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -84,3 +84,11 @@ def test_the_bench_runs_a_tiny_grid_and_writes_json_table_and_pngs(tmp_path, cap
     assert [p.rsplit("/", 1)[1] for p in result["pngs"]] == ["dg_gradient_norm.png", "dg_samples.png"]
     assert all((tmp_path / "out" / name).stat().st_size > 0 for name in ("dg_gradient_norm.png", "dg_samples.png",
                                                                          "results.json"))
+
+
+def test_the_over_fitted_optimum_approaches_the_exact_correction_as_n_grows(tmp_path):
+    """The logit log q^_N,k - log q~_k of N data points (every objective's minimiser on the finite data, Thm 6) has an
+    E_phi below E_theta that shrinks with N: it converges to the exact log-ratio."""
+    args = _args(tmp_path)
+    small, large = (dg.cell("ce", 8, n, args, logit="optimum") for n in (20, 2000))
+    assert large["e_phi"] < 0.5 * small["e_phi"] < 0.5 * small["e_theta"], (small["e_phi"], large["e_phi"])
