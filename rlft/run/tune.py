@@ -226,10 +226,17 @@ def _keep_local_logs(base: type) -> type:
             def log_trial_result(self, iteration: int, trial, result: dict) -> None:
                 # a re-run iteration (restart from an older checkpoint) replaces its first run's row: each once
                 it = result.get(rows.ITERATION)
-                path = os.path.join(trial.local_path or "", self._SAVED_FILE_TEMPLATES[0])
-                if isinstance(it, int) and trial.local_path and rows.last_iteration(path) >= it:
-                    self.log_trial_end(trial)  # closes the open file (reopened by the base on the next row)
-                    rows.drop_rows_from(path, it)
+                if isinstance(it, int) and trial.local_path:
+                    last = getattr(self, "_rlft_last", None)
+                    if last is None:
+                        last = self._rlft_last = {}
+                    path = os.path.join(trial.local_path, self._SAVED_FILE_TEMPLATES[0])
+                    if trial not in last:  # the file read once per trial and driver, then followed in memory
+                        last[trial] = rows.last_iteration(path)
+                    if last[trial] >= it:
+                        self.log_trial_end(trial)  # closes the open file (reopened by the base on the next row)
+                        rows.drop_rows_from(path, it)
+                    last[trial] = it
                 super().log_trial_result(iteration, trial, result)
 
         KeepLocal.__name__ = KeepLocal.__qualname__ = f"KeepLocal{base.__name__}"
