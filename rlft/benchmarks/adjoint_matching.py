@@ -34,6 +34,7 @@ import sys
 from typing import Any
 
 from rlft.files import atomic_path
+from rlft.run.storage import log as _log  # one progress line on stderr
 
 SECTIONS = ("memory", "quality")
 MEMORY_STEPS = (50, 200, 1000)
@@ -67,9 +68,6 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- memory ---------------------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
+from rlft.run.storage import log as _log  # one progress line on stderr
 
 TASK_FILE = Path(__file__).resolve().parents[2] / "tune_configs" / "conditional_gmm.yaml"
 LEARNERS = ("elegant", "grpo", "ppo_kl")
@@ -45,9 +45,6 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def task_data(path: str, learner: str, seed: int, iterations: int | None, quick: bool,

@@ -126,8 +126,6 @@ def empirical_optimum(learner):
 
 def cell(objective: str, width: int, n_data: int, args, logit=None) -> dict[str, Any]:
     """Train (or, with `logit`, plug in a given logit network instead) and evaluate one cell."""
-    import torch
-
     from rlft.guidance.discriminator_guidance import SCORE_ERROR
     from rlft.sampling import sample
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from typing import Any
+from rlft.run.storage import log as _log  # one progress line on stderr
 
 SECTIONS = ("gmm", "ablation", "baselines", "memory", "digits")
 ALPHAS = (0.1, 0.3, 1.0)
@@ -471,9 +472,6 @@ def _brief(row: dict[str, Any]) -> str:
     keys = ("gap_closure", "energy_distance", "energy_distance_floor", "reward", "kl", "objective", "optimal_objective", "diversity", "wall_s", "cpu_s")
     return ", ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
 
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:

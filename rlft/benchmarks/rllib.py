@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from typing import Any
+from rlft.run.storage import log as _log  # one progress line on stderr
 
 PARTS = ("ppo_kl", "queries", "fpg", "restart")
 #: 2-D Gaussian-mixture tasks at alpha = 1: the default task (base_gmm.yaml) and a 3-mode one with a sharper reward
@@ -68,9 +69,6 @@ def register(subparsers) -> None:
 
 # -- helpers --------------------------------------------------------------------------------------------------
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def build(task_dict: dict[str, Any]):

@@ -53,6 +53,7 @@ from rlft.config import ConfigError
 from rlft.control.adjoint_matching import AdjointMatchingLearner, AdjointMatchingOptions
 from rlft.control.networks import NetworkControl, build_control_net
 from rlft.entropy import TemperedGrid, gaussian_entropy, ode_entropy
+from rlft.evaluation import ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, KL, OBJECTIVE, PRETRAINED
 from rlft.models.base import ControlledChain, DiffusionModel
 from rlft.rewards.base import evaluate
 from rlft.sampling import sample
@@ -71,14 +72,10 @@ FLOOR_DRAWS, ENERGY_BLOCKS = 8, 8
 ENTROPY = "entropy"
 TARGET_ENTROPY = "target_entropy"
 KL_PREVIOUS = "kl_previous"
-KL_PRETRAINED = "kl"
+KL_PRETRAINED = KL  # the path KL to the pretrained model: the standard figure's key
 ROUNDS = "rounds"
-PRETRAINED = "pretrained"
-ENERGY_DISTANCE = "energy_distance"
-ENERGY_DISTANCE_FLOOR = "energy_distance_floor"
 EXACT_ENTROPY = "exact_entropy"
 ENTROPY_CLOSURE = "entropy_closure"
-OBJECTIVE = "objective"
 
 
 @dataclasses.dataclass(frozen=True)
