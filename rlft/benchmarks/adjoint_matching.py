@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -111,6 +110,8 @@ def memory_probe(num_steps: int, method: str, batch_size: int, updates: int) -> 
 
 
 def section_memory(args) -> dict[str, Any]:
+    from rlft.benchmarks.elegant import probe_in_subprocess
+
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     batch, updates = (32, 1) if args.quick else (args.memory_batch, args.memory_updates)
     rows = []
@@ -118,11 +119,7 @@ def section_memory(args) -> dict[str, Any]:
         for method in MEMORY_METHODS:
             code = ("import json; from rlft.benchmarks.adjoint_matching import memory_probe as m; "
                     f"print(json.dumps(m({K}, {method!r}, {batch}, {updates})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
-            if proc.returncode != 0:
-                row = {"num_steps": K, "method": method, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
-            else:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = probe_in_subprocess(code, env, {"num_steps": K, "method": method})
             rows.append(row)
             _log(f"memory K={K} {method}: peak_mb {row.get('peak_mb')}, s/update {row.get('s_per_update')}")
     per_k = {str(K): {r["method"]: {"peak_mb": r.get("peak_mb"), "s_per_update": r.get("s_per_update")}

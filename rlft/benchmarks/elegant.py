@@ -330,14 +330,19 @@ def section_memory(args, quick: bool) -> list[dict[str, Any]]:
                 "import json; from rlft.benchmarks.elegant import memory_probe as m; "
                 f"print(json.dumps(m({K}, {ckpt}, {batch}, {updates}, {args.memory_cap_mb})))"
             )
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
-            if proc.returncode != 0:
-                row = {"num_steps": K, "checkpointing": ckpt, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
-            else:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = probe_in_subprocess(code, env, {"num_steps": K, "checkpointing": ckpt})
             rows.append(row)
             _log(f"memory K={K} checkpointing={ckpt}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     return rows
+
+
+def probe_in_subprocess(code: str, env: dict, identity: dict[str, Any]) -> dict[str, Any]:
+    """Runs `python -c code` (which prints one JSON row last) in a fresh process, so that its peak memory is its own;
+    a failed probe is `identity` with ok False and the last line of its stderr."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        return {**identity, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def memory_probe(num_steps: int, checkpointing: bool, batch_size: int, updates: int, cap_mb: float) -> dict[str, Any]:
