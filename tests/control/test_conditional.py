@@ -204,3 +204,19 @@ def test_finetuned_sampler_takes_cond():
     torch.testing.assert_close(mixed[rows[:, 0] == 0.0], tuned.sample(25, seed=4, cond=rows[-1]))
     with pytest.raises(ValueError, match="pass cond"):
         tuned.sample(5)
+
+
+def test_bench_conditional_starts_ray_only_for_rllib_learners_and_plots_both_splits(tmp_path):
+    """`rlft bench conditional` runs every learner in one process: Ray only for the RLlib ones; the PNG has a
+    training (solid) and a held-out (dashed) curve per learner."""
+    pytest.importorskip("matplotlib")
+    from rlft.benchmarks.conditional import _to_threshold, needs_ray, plot_curves
+
+    assert needs_ray("grpo") and needs_ray("ppo_kl") and not needs_ray("elegant")
+    curve = [{"iteration": i, "reward_queries": 256 * i, "train_time": float(i), "gap_closure": g, "kl": 1.0,
+              "heldout_gap_closure": g - 0.05} for i, g in ((1, 0.3), (2, 0.6), (3, 0.95))]
+    hit = _to_threshold(curve)
+    assert hit["50%"]["reward_queries"] == 512 and hit["90%"]["reward_queries"] == 768
+    path = plot_curves({"grpo": {"curve": curve}, "elegant": {"error": "x"}}, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.endswith("c.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]  # nothing half-written beside it
