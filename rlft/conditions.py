@@ -136,7 +136,7 @@ def check_task_conditions(conditions: Conditions | None, model_cond_shape: tuple
     if not supported:
         raise ConfigError(f"learner {learner!r} does not take conditions yet; use learner type elegant (or no_kl, truncation, "
                           "random_k), or remove the task's conditions: section")
-    if model_cond_shape is not None and tuple(model_cond_shape) != conditions.shape:
+    if model_cond_shape is not None and math.prod(model_cond_shape) != conditions.dim:  # (L, D) takes flat L*D vectors
         raise ConfigError(f"conditions are vectors of length {conditions.dim} but the model takes conditions of shape "
                           f"{tuple(model_cond_shape)}; make conditions.train/eval match the model")
 

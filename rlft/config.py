@@ -253,6 +253,8 @@ class DiffusersModelConfig:
     """Subfolder of `path` with the UNet."""
     subfolder_scheduler: str = "scheduler"
     """Subfolder of `path` with the scheduler config."""
+    cond_seq_len: int = 77
+    """UNet2DConditionModel: tokens of encoder_hidden_states (a task's embedded prompts are flat, length x dim)."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,10 @@ Conventions this module fixes:
   one step early, at the scheduler's lowest timestep (noise std sqrt(1 - alphas_cumprod[tau_K]), 0.01 for the
   default linear betas), like `rlft.schedule.VPSchedule.s_min`.
 - Generative time t = 1 - tau / num_train_timesteps (`time`, `dt`).
-- `UNet2DConditionModel`: cond is `encoder_hidden_states`, cond_shape = (cond_seq_len, cross_attention_dim).
+- `UNet2DConditionModel`: cond is `encoder_hidden_states`, cond_shape = (cond_seq_len, cross_attention_dim); a
+  flat (B, cond_seq_len * cross_attention_dim) cond (a conditional task's embedded prompts) is reshaped to it.
+- Class-conditional `UNet2DModel` (`num_class_embeds: C`, no class_embed_type): cond is one-hot (B, C), the
+  task's `conditions: {train: [0, 3], num_classes: C}`; the UNet gets `class_labels = cond.argmax(-1)`.
 - LoRA (peft, `rlft.models.lora.LoRAMixin`): `mean()` is ALWAYS the pretrained (base) mean; `lora_control()` is
   the control delta_k = mean_lora(k, x) - mean_base(k, x).
 - Without clipping the mean and the ODE step are affine in the score (`score_coefficients`), so a
@@ -119,8 +122,10 @@ class DiffusersChain(LoRAMixin, PretrainedFilesMixin, DiffusionModel):
                 f"unet out_channels ({ucfg.out_channels}) must equal in_channels ({ucfg.in_channels}); "
                 "UNets that also predict a variance are not supported"
             )
-        if getattr(ucfg, "num_class_embeds", None) is not None or getattr(ucfg, "class_embed_type", None) is not None:
-            raise ValueError("class-conditional UNets (num_class_embeds / class_embed_type) are not supported")
+        num_classes = getattr(ucfg, "num_class_embeds", None)
+        if getattr(ucfg, "class_embed_type", None) is not None or (num_classes is not None and isinstance(unet, UNet2DConditionModel)):
+            raise ValueError("of the class-conditional UNets only a UNet2DModel with num_class_embeds (and no class_embed_type) "
+                             "is supported (its cond is a one-hot class label)")
         if getattr(ucfg, "addition_embed_type", None) is not None:
             raise ValueError(f"UNets with addition_embed_type={ucfg.addition_embed_type!r} (e.g. SDXL) are not supported")
         self.unet = unet.requires_grad_(False).eval()
@@ -129,11 +134,14 @@ class DiffusersChain(LoRAMixin, PretrainedFilesMixin, DiffusionModel):
         size = ucfg.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.event_shape = (ucfg.in_channels, h, w)
-        self.conditional = isinstance(unet, UNet2DConditionModel)
+        self.conditional = isinstance(unet, UNet2DConditionModel)  # cond = encoder_hidden_states
+        self.class_conditional = num_classes is not None  # cond = one-hot class label
         if self.conditional:
             if cond_seq_len < 1:
                 raise ValueError(f"cond_seq_len must be >= 1 (got {cond_seq_len})")
             self.cond_shape = (int(cond_seq_len), int(ucfg.cross_attention_dim))
+        elif self.class_conditional:
+            self.cond_shape = (int(num_classes),)
         self.num_train_timesteps = int(config.num_train_timesteps)
         self.lora_config = None  # a `rlft.models.lora.LoRAConfig` once add_lora / load_lora attached one
         self._shared: tuple | None = None
@@ -240,16 +248,31 @@ class DiffusersChain(LoRAMixin, PretrainedFilesMixin, DiffusionModel):
         self.check_state(x)
         tau = self._steps[k].timestep
         if self.conditional:
-            if cond is None or tuple(cond.shape) != (x.shape[0], *self.cond_shape):
-                got = None if cond is None else tuple(cond.shape)
-                raise ValueError(
-                    f"this UNet2DConditionModel needs cond = encoder_hidden_states of shape "
-                    f"({x.shape[0]}, {self.cond_shape[0]}, {self.cond_shape[1]}) (got {got})"
-                )
-            return self.unet(x, tau, encoder_hidden_states=cond).sample
+            return self.unet(x, tau, encoder_hidden_states=self._unet_cond(x, cond)).sample
+        if self.class_conditional:
+            return self.unet(x, tau, class_labels=self._class_labels(self._unet_cond(x, cond))).sample
         if cond is not None:
             raise ValueError("cond was given but the UNet2DModel is unconditional; pass cond=None")
         return self.unet(x, tau).sample
+
+    def _unet_cond(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """cond as (B, *cond_shape); a flat (B, prod(cond_shape)) one (a task's condition vectors) is reshaped."""
+        b, shape = x.shape[0], self.cond_shape
+        if cond is not None and cond.ndim == 2 and len(shape) > 1 and tuple(cond.shape) == (b, math.prod(shape)):
+            cond = cond.reshape(b, *shape)
+        if cond is None or tuple(cond.shape) != (b, *shape):
+            got = None if cond is None else tuple(cond.shape)
+            what = "encoder_hidden_states" if self.conditional else "a one-hot class label"
+            raise ValueError(f"this {type(self.unet).__name__} needs cond = {what} of shape {(b, *shape)} (got {got})")
+        return cond
+
+    @staticmethod
+    def _class_labels(cond: torch.Tensor) -> torch.Tensor:
+        """The class indices (B,) of one-hot rows; anything else is refused (the embedding takes integer labels)."""
+        if not ((cond == 0) | (cond == 1)).all() or not (cond.sum(-1) == 1).all():
+            raise ValueError("a class-conditional UNet's cond must be one-hot rows (conditions: {train: [0, 3], "
+                             "num_classes: C} gives them)")
+        return cond.argmax(-1)
 
     def _predict(self, k: int, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) at step k, before clipping (scheduler.step's pred_original_sample / pred_epsilon)."""
@@ -337,5 +360,5 @@ def build_diffusers_model(cfg, num_steps: int) -> DiffusersChain:
     """The registry's ``model: {type: diffusers, path: ...}`` builder (cfg a `rlft.config.DiffusersModelConfig`)."""
     return DiffusersChain.from_pretrained(
         cfg.path, num_steps=num_steps, scheduler=cfg.scheduler, eta=cfg.eta,
-        subfolder_unet=cfg.subfolder_unet, subfolder_scheduler=cfg.subfolder_scheduler,
+        subfolder_unet=cfg.subfolder_unet, subfolder_scheduler=cfg.subfolder_scheduler, cond_seq_len=cfg.cond_seq_len,
     )

@@ -14,12 +14,16 @@ atomically, with format name and version in the file's metadata) under `$RLFT_CA
 every process (Ray workers included) loads the same classifier.
 
     reward: {type: digit_classifier, target: 3}          # r(x) = log softmax(f(x))[3], differentiable in x
+    reward: {type: digit_classifier, target: condition, thickness: 2.0}
+        # a conditional task (conditions: {train: [0, 1, ...], num_classes: 10}, one-hot c):
+        # r(x, c) = log p(c | x) + thickness * mean ink, mean ink = mean over pixels of (x + 1) / 2 in [0, 1]
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -241,16 +245,21 @@ class DigitClassifierReward(Reward):
     name = "digit_classifier"
     differentiable = True
 
-    def __init__(self, target: int = 0, path: str | None = None, seed: int = 0) -> None:
+    def __init__(self, target: int | str = 0, path: str | None = None, seed: int = 0, thickness: float = 0.0) -> None:
         """
         Args:
-            target: the digit to reward, 0..9.
+            target: the digit to reward, 0..9, or "condition": the task's one-hot condition c (B, 10), r(x, c).
             path: classifier weights (safetensors from `save_classifier`); None trains/caches the default one.
             seed: training seed of the cached classifier (ignored with `path`).
+            thickness: weight of the stroke-thickness term, + thickness * mean over pixels of (x + 1) / 2.
         """
-        if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < NUM_DIGITS:
-            raise ValueError(f"target must be a digit 0..9 (got {target!r}); e.g. reward: {{type: digit_classifier, target: 3}}")
-        self.target = target
+        self.conditional = target == "condition"
+        if not self.conditional and (isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < NUM_DIGITS):
+            raise ValueError(f"target must be a digit 0..9 or 'condition' (got {target!r}); e.g. reward: "
+                             "{type: digit_classifier, target: 3}")
+        if isinstance(thickness, bool) or not isinstance(thickness, (int, float)) or not math.isfinite(thickness):
+            raise ValueError(f"thickness must be a finite number, the weight of the mean ink (got {thickness!r}); e.g. 2.0")
+        self.target, self.thickness = target, float(thickness)
         if path is not None:
             self.net, meta = load_classifier(path)
             self.holdout_accuracy = float(meta.get("holdout_accuracy", "nan"))
@@ -266,8 +275,19 @@ class DigitClassifierReward(Reward):
         p = next(self.net.parameters())
         return self.net(x.to(device=p.device, dtype=p.dtype))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.logits(x), dim=-1)[:, self.target].to(x.dtype)  # (B,)
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        logp = F.log_softmax(self.logits(x), dim=-1)  # (B, 11)
+        if self.conditional:
+            if cond is None or cond.shape != (x.shape[0], NUM_DIGITS):
+                raise ValueError(f"reward digit_classifier with target: condition needs one-hot cond ({x.shape[0]}, "
+                                 f"{NUM_DIGITS}) (conditions: {{train: [...], num_classes: 10}}) (got "
+                                 f"{None if cond is None else tuple(cond.shape)})")
+            r = (logp[:, :NUM_DIGITS] * cond.to(logp)).sum(-1)  # log p(c | x) for one-hot c
+        else:
+            r = logp[:, self.target]
+        if self.thickness:
+            r = r + self.thickness * (x.reshape(x.shape[0], -1).to(r) + 1.0).mean(-1) / 2.0
+        return r.to(x.dtype)  # (B,)
 
     def to(self, device: str | torch.device) -> "DigitClassifierReward":
         self.net.to(device)
