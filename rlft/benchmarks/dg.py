@@ -14,25 +14,34 @@ for `--updates` Adam steps and reports (BOOST Thm 4, Thm 6):
 diffused to level k): the minimiser of every objective on the finite data set (Thm 6's limit). It costs O(N) per
 evaluation of l*: about a minute at N = 3000 on one core, far more at N = 30000.
 
+Sections (`--sections`, default exact scorenet digits): `exact` is the grid above; `gamma` trains mse_ce at each of
+`--gammas` over `--widths` x `--sizes` (does the thesis's regulariser gamma J_CE of eq. 3.10 matter?); `scorenet` and
+`digits` refine a short-trained score net on 2-D numpy data and the digits UNet (`rlft.benchmarks.dg_sections`).
+
 PNGs (in --out): `dg_gradient_norm.png`, |grad l_phi| against |exact correction| along the line y = 2 (through the
 shifted mode) at a low- and a mid-noise level, for the extreme cells (smallest and largest N, widest net), as the
 thesis's Fig. 3.1; `dg_samples.png`, refined samples of those cells beside P~ and P, as Fig. 3.3. `--json` prints
-{"cells": [...], "pretrained": {...}} on stdout; the table goes to stderr.
+{"cells": [...], "gamma_cells": [...], "sections": {...}, "pretrained": {...}} on stdout; the tables go to stderr.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 from typing import Any
 
+import rlft.benchmarks.dg_sections as dg_sections
+
 #: P (the data law) and the wrong "pretrained" mixture P~: weights off, the (-2, 2) mode shifted to (-1.2, 2),
 #: the (-2, -2) mode missing (the same pair as the learner's slow test)
 P = {"weights": [0.4, 0.3, 0.2, 0.1], "means": [[2.0, 2.0], [-2.0, 2.0], [2.0, -2.0], [-2.0, -2.0]], "stds": [0.4] * 4}
 P_WRONG = {"weights": [0.2, 0.5, 0.3], "means": [[2.0, 2.0], [-1.2, 2.0], [2.0, -2.0]], "stds": [0.4] * 3}
 OBJECTIVES = ("ce", "mse", "mse_ce")
+SECTION_NAMES = ("exact", "gamma", "scorenet", "digits")
+DEFAULT_SECTIONS = ("exact", "scorenet", "digits")
 LINE_Y, LINE_POINTS = 2.0, 161
 
 
@@ -53,6 +62,12 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="rlft_bench_dg", help="directory for PNGs and results.json")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--sections", nargs="+", choices=SECTION_NAMES, default=list(DEFAULT_SECTIONS),
+                   help="exact: the grid above; gamma: mse_ce over --gammas on the exact bed (--widths x --sizes); "
+                        "scorenet, digits: beyond the toy (rlft.benchmarks.dg_sections) (default: exact scorenet digits)")
+    p.add_argument("--gammas", nargs="+", type=float, default=[0.01, 0.1, 1.0, 10.0],
+                   help="gamma values of the gamma section (default 0.01 0.1 1 10)")
+    dg_sections.register_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -142,7 +157,7 @@ def cell(objective: str, width: int, n_data: int, args, logit=None) -> dict[str,
     figures = learner.evaluate(num_samples=args.eval_samples, seed=args.seed + 1)
     e_phi, e_theta = figures[SCORE_ERROR], figures["pretrained"][SCORE_ERROR]
     refined = sample(learner.model, 1000, control=learner.control(), seed=args.seed + 3, progress=False).x
-    return {"objective": objective, "width": width, "n": n_data, "e_phi": e_phi, "e_theta": e_theta,
+    return {"objective": objective, "width": width, "n": n_data, "gamma": args.gamma, "e_phi": e_phi, "e_theta": e_theta,
             "refinement": e_theta - e_phi, "energy_distance": figures["energy_distance"],
             "energy_distance_floor": figures["energy_distance_floor"],
             "pretrained_energy_distance": figures["pretrained"]["energy_distance"], "train_s": wall,
@@ -150,15 +165,16 @@ def cell(objective: str, width: int, n_data: int, args, logit=None) -> dict[str,
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    lines = [f"{'objective':>9} {'width':>5} {'N':>6} {'E_phi':>8} {'E_th-E_phi':>10} {'ED':>8} {'ED/floor':>8} "
+    if not cells:
+        return ""
+    lines = [f"{'objective':>9} {'gamma':>5} {'width':>5} {'N':>6} {'E_phi':>8} {'E_th-E_phi':>10} {'ED':>8} {'ED/floor':>8} "
              f"{'ED pre':>7} {'train s':>7}"]
     for c in cells:
-        lines.append(f"{c['objective']:>9} {c['width']:>5} {c['n']:>6} {c['e_phi']:8.3f} {c['refinement']:10.3f} "
+        gamma = f"{c['gamma']:g}" if c["objective"] == "mse_ce" else "-"
+        lines.append(f"{c['objective']:>9} {gamma:>5} {c['width']:>5} {c['n']:>6} {c['e_phi']:8.3f} {c['refinement']:10.3f} "
                      f"{c['energy_distance']:8.4f} {c['energy_distance'] / c['energy_distance_floor']:8.1f} "
                      f"{c['pretrained_energy_distance']:7.4f} {c['train_s']:7.0f}")
-    if cells:
-        c = cells[0]
-        lines.append(f"E_theta (uncorrected) {c['e_theta']:.3f}; floor {c['energy_distance_floor']:.5f}")
+    lines.append(f"E_theta (uncorrected) {cells[0]['e_theta']:.3f}; floor {cells[0]['energy_distance_floor']:.5f}")
     return "\n".join(lines)
 
 
@@ -217,34 +233,48 @@ def plot(cells: list[dict[str, Any]], args) -> list[str]:
     return paths
 
 
+def grid(objectives_gammas: list[tuple[str, float]], args) -> list[dict[str, Any]]:
+    """`cell` for each (objective, gamma) x width x N."""
+    cells = []
+    for objective, gamma in objectives_gammas:
+        for width in args.widths:
+            for n_data in args.sizes:
+                c = cell(objective, width, n_data, argparse.Namespace(**{**vars(args), "gamma": gamma}))
+                cells.append(c)
+                print(f"[dg] {objective} gamma {gamma:g} width {width} N {n_data}: E_phi {c['e_phi']:.3f} "
+                      f"ED {c['energy_distance']:.4f} ({c['train_s']:.0f} s)", file=sys.stderr, flush=True)
+    return cells
+
+
 def run(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    cells = []
-    for objective in args.objectives:
-        for width in args.widths:
-            for n_data in args.sizes:
-                cells.append(cell(objective, width, n_data, args))
-                c = cells[-1]
-                print(f"[dg] {objective} width {width} N {n_data}: E_phi {c['e_phi']:.3f} ED {c['energy_distance']:.4f} "
-                      f"({c['train_s']:.0f} s)", file=sys.stderr, flush=True)
+    cells = grid([(o, args.gamma) for o in args.objectives], args) if "exact" in args.sections else []
+    gamma_cells = grid([("mse_ce", g) for g in args.gammas], args) if "gamma" in args.sections else []
     for n_data in args.sizes if args.optimum else ():
         cells.append(cell("ce", 8, n_data, args, logit="optimum"))  # the width is unused: the logit is given
         cells[-1].update(objective="optimum", width=0)
         print(f"[dg] over-fitted optimum N {n_data}: E_phi {cells[-1]['e_phi']:.3f} "
               f"ED {cells[-1]['energy_distance']:.4f}", file=sys.stderr, flush=True)
+    sections = {name: dg_sections.SECTIONS[name](args) for name in args.sections if name in dg_sections.SECTIONS}
     paths = plot([c for c in cells if c["objective"] != "optimum"], args)
-    slim = [{k: v for k, v in c.items() if k not in ("profile", "samples")} for c in cells]
-    result = {"cells": slim, "pretrained": {"e_theta": slim[0]["e_theta"] if slim else None,
-                                            "energy_distance": slim[0]["pretrained_energy_distance"] if slim else None},
+    paths += [sections["digits"]["png"]] if "digits" in sections else []
+
+    def slim(cs):
+        return [{k: v for k, v in c.items() if k not in ("profile", "samples")} for c in cs]
+
+    first = (cells + gamma_cells)[:1]
+    result = {"cells": slim(cells), "gamma_cells": slim(gamma_cells), "sections": sections,
+              "pretrained": {"e_theta": first[0]["e_theta"] if first else None,
+                             "energy_distance": first[0]["pretrained_energy_distance"] if first else None},
               "pngs": paths, "options": {k: v for k, v in vars(args).items() if k != "func"}}
     os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, "results.json.tmp")
     with open(tmp, "w") as f:  # written whole, then renamed: never half a file
         json.dump(result, f, indent=1)
     os.replace(tmp, os.path.join(args.out, "results.json"))
-    print(table(cells), file=sys.stderr)
+    print("\n".join(t for t in (table(cells), table(gamma_cells), dg_sections.table(sections)) if t), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -35,6 +35,7 @@ from torch import nn
 
 from rlft.guidance.classifier import ClassifierConfig, NoisyClassifier
 from rlft.models.base import DiffusionModel
+from rlft.models.nets import dyadic_time_features, mlp
 
 # training-metric keys
 CE_LOSS = "ce_loss"
@@ -47,27 +48,76 @@ ACCURACY = "discriminator_accuracy"
 LogitNet = NoisyClassifier
 
 
-def logit_net(event_shape: tuple[int, ...], hidden: int, depth: int, num_frequencies: int) -> LogitNet:
-    """A fresh l_phi (SiLU MLP: smooth, so its input gradient can be differentiated again)."""
+def logit_net(event_shape: tuple[int, ...], hidden: int, depth: int, num_frequencies: int,
+              network: str = "auto") -> nn.Module:
+    """A fresh l_phi (SiLU: smooth, so its input gradient can be differentiated again): an MLP on the flattened state
+    (`LogitNet`), or for image events (C, H, W) a small conv net (`ConvLogitNet`); network auto picks conv for images."""
+    kind = ("conv" if len(event_shape) == 3 else "mlp") if network == "auto" else network
+    if kind == "conv":
+        if len(event_shape) != 3:
+            raise ValueError(f"a conv discriminator needs image events (C, H, W) (got event shape {tuple(event_shape)}); "
+                             "use network: mlp")
+        return ConvLogitNet(tuple(event_shape), hidden, depth, num_frequencies)
     return NoisyClassifier(ClassifierConfig(tuple(event_shape), hidden, depth, num_frequencies))
 
 
+class ConvLogitNet(nn.Module):
+    """l_phi(x, n) for images (B, C, H, W): [x, features of n as constant channels] -> `depth` 3x3 convs (SiLU) ->
+    spatial mean -> SiLU MLP -> logit (B,). Average pooling and SiLU keep grad_x l smooth (double back-propagation)."""
+
+    def __init__(self, event_shape: tuple[int, int, int], hidden: int, depth: int, num_frequencies: int) -> None:
+        super().__init__()
+        self.event_shape, self.num_frequencies = tuple(event_shape), num_frequencies
+        channels, layers = event_shape[0] + 2 * num_frequencies, []
+        for _ in range(max(depth, 1)):
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU()]
+            channels = hidden
+        self.convs = nn.Sequential(*layers)
+        self.head = mlp(hidden + 2 * num_frequencies, hidden, 1, 1)
+
+    def forward(self, x: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) for states x (B, C, H, W) at noise stds (B,)."""
+        feats = dyadic_time_features(noise_std.to(x.dtype), x.shape[0], self.num_frequencies, like=x)  # (B, 2F)
+        planes = feats[:, :, None, None].expand(-1, -1, *x.shape[2:])  # (B, 2F, H, W)
+        h = self.convs(torch.cat([x, planes], dim=1)).mean(dim=(2, 3))  # (B, hidden)
+        return self.head(torch.cat([h, feats], dim=-1)).squeeze(-1)
+
+
+def level_constants(model: DiffusionModel) -> tuple[list[float], list[float]]:
+    """(alpha_bar_k, c_k) for k < K: the signal level step k starts at and the score's coefficient in its mean."""
+    K = model.num_steps
+    coefficients = getattr(model, "coefficients", None)
+    if coefficients is not None:
+        return list(coefficients.alpha_bar[:K]), list(coefficients.mean_score[:K])
+    # a diffusers chain (or a ControlledChain over one): alpha_bar from its step plan, c_k from score_coefficients
+    base = getattr(model, "base", model)
+    level_alpha_bar = getattr(base, "_level_alpha_bar", None)
+    pairs = [model.score_coefficients(k) for k in range(K)] if level_alpha_bar is not None else [None]
+    if any(p is None for p in pairs):
+        raise TypeError(
+            f"discriminator guidance needs a score-based chain whose mean is affine in the score (GMMModel, ScoreNetChain, "
+            f"a DiffusersChain without x0 clipping, or a ControlledChain over one) to diffuse data to each level and "
+            f"turn grad l_phi into a mean shift (got {type(model).__name__})"
+        )
+    return [float(level_alpha_bar(k)) for k in range(K)], [float(p[0]) for p in pairs]
+
+
 class Levels:
-    """The per-level constants of a score-based chain as tensors: a_k, n_k, c_k, s_k and lambda_k (K,) each."""
+    """The per-level constants of a score-based chain as tensors: a_k, n_k, c_k, s_k and lambda_k (K,) each.
+
+    A chain with `LevelCoefficients` (GMMModel, ScoreNetChain, a ControlledChain over one) gives alpha_bar_k and
+    c_k = mean_score[k] from them; a diffusers chain without x0 clipping (`DiffusersChain`) gives c_k from
+    `score_coefficients(k)` and alpha_bar_k of the level its step k starts at.
+    """
 
     def __init__(self, model: DiffusionModel, dtype: torch.dtype = torch.float64, device=None) -> None:
-        coefficients = getattr(model, "coefficients", None)
-        if coefficients is None:
-            raise TypeError(
-                f"discriminator guidance needs a score-based chain with LevelCoefficients (GMMModel, ScoreNetChain, or a "
-                f"ControlledChain over one) to diffuse data to each level (got {type(model).__name__})"
-            )
         K = model.num_steps
+        alpha_bar, c = level_constants(model)
         kw = dict(dtype=dtype, device=device)
-        alpha_bar = torch.tensor(coefficients.alpha_bar[:K], **kw)
+        alpha_bar = torch.tensor(alpha_bar, **kw)
         self.signal = alpha_bar.sqrt()  # a_k
         self.noise_std = (1.0 - alpha_bar).sqrt()  # n_k
-        self.c = torch.tensor(coefficients.mean_score[:K], **kw)  # c_k
+        self.c = torch.tensor(c, **kw)  # c_k
         self.std = torch.tensor([model.std(k) for k in range(K)], **kw)  # s_k
         self.kl_weight = self.c**2 / (2.0 * self.std**2)  # lambda_k = c_k^2 / (2 s_k^2)
 

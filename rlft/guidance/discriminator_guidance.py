@@ -23,8 +23,9 @@ last `holdout` rows are held out). Model samples (label 0) are the pretrained ch
 reports the energy distance of refined samples to held-out data with its floor, the same for the uncorrected
 model under `pretrained`, and, for mixture data, the discriminator-adjusted score error E_phi (BOOST Thm 4,
 `score_error`) against the uncorrected model's E_theta; its `objective` is minus the energy distance (no reward).
-A task for it needs no `reward:` (`needs_reward = False`; one given is ignored); `alpha` is unused. Chains without
-`LevelCoefficients` (diffusers UNets) are not supported yet.
+A task for it needs no `reward:` (`needs_reward = False`; one given is ignored); `alpha` is unused. It runs on any
+chain whose mean is affine in the score: GMMModel, ScoreNetChain and diffusers UNets without x0 clipping (no LoRA:
+the discriminator is a network of its own, a small conv net for image events under `network: auto`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class DiscriminatorGuidanceLearner(DifferentiableLearner):
     checkpoint_format: ClassVar[str] = "rlft-discriminator-guidance"
     needs_reward: ClassVar[bool] = False  # data, not a reward, define the correction
     checkpoint_version: ClassVar[int] = 1
-    architecture_options: ClassVar[tuple[str, ...]] = ("hidden", "depth", "time_frequencies")
+    architecture_options: ClassVar[tuple[str, ...]] = ("hidden", "depth", "time_frequencies", "network")
 
     def resolve_defaults(self, o: DiscriminatorGuidanceOptions) -> DiscriminatorGuidanceOptions:
         # 3000 Adam steps of a 128x2 CE discriminator took a 2-D pair from 0.299 to 0.013 (MATH.md §7)
@@ -198,10 +199,14 @@ class DiscriminatorGuidanceLearner(DifferentiableLearner):
         super().check_model()
         self.uses_lora = False  # the discriminator is a network of its own; the pretrained chain stays as it is
         self.window = check_window(self.options.window, self.model.num_steps, "learner.window")
+        if self.options.network == "conv" and len(self.model.event_shape) != 3:
+            raise ConfigError(f"learner.network conv needs image events (C, H, W) (the model's are "
+                              f"{tuple(self.model.event_shape)}); use network: mlp or auto")
 
     def build_networks(self) -> None:
         o, model = self.options, self.model
-        self.discriminator = logit_net(model.event_shape, o.hidden, o.depth, o.time_frequencies).to(device=model.device, dtype=model.dtype)
+        self.discriminator = logit_net(model.event_shape, o.hidden, o.depth, o.time_frequencies, o.network)
+        self.discriminator.to(device=model.device, dtype=model.dtype)
         self.drift_net = self.discriminator  # what the base saves, clips and steps
         self._drift_params = list(self.discriminator.parameters())
         self._control = DiscriminatorGuidance(model, self.discriminator, o.weight, o.window)

@@ -42,7 +42,8 @@ class Zero(nn.Module):
 
 def _args(tmp_path, **kw) -> argparse.Namespace:
     base = dict(objectives=["ce", "mse_ce"], widths=[8], sizes=[40, 80], updates=2, batch_size=16, gamma=1.0,
-                num_steps=10, eval_samples=200, seed=0, threads=1, out=str(tmp_path / "out"), json=True, optimum=False)
+                num_steps=10, eval_samples=200, seed=0, threads=1, out=str(tmp_path / "out"), json=True, optimum=False,
+                sections=["exact"], gammas=[0.1, 10.0])
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -92,3 +93,66 @@ def test_the_over_fitted_optimum_approaches_the_exact_correction_as_n_grows(tmp_
     args = _args(tmp_path)
     small, large = (dg.cell("ce", 8, n, args, logit="optimum") for n in (20, 2000))
     assert large["e_phi"] < 0.5 * small["e_phi"] < 0.5 * small["e_theta"], (small["e_phi"], large["e_phi"])
+
+
+# -- sections beyond the toy (rlft.benchmarks.dg_sections) --------------------------------------------------------
+
+
+def test_frechet_distance_matches_the_closed_forms():
+    """1-D: (m1 - m2)^2 + (s1 - s2)^2; non-commuting covariances: tr(A + B - 2 (A^1/2 B A^1/2)^1/2) by eigh."""
+    import numpy as np
+
+    from rlft.benchmarks.dg_sections import frechet_distance
+
+    one = frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-0.5]), np.array([[0.25]]))
+    assert one == pytest.approx(1.5**2 + (2.0 - 0.5) ** 2, rel=1e-12)
+    rng = np.random.default_rng(0)
+    m1, m2 = rng.standard_normal((2, 4, 4))
+    A, B = m1 @ m1.T + 0.1 * np.eye(4), m2 @ m2.T + 0.1 * np.eye(4)
+
+    def psd_root(S):
+        w, V = np.linalg.eigh(S)
+        return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+    ra = psd_root(A)
+    mu_a, mu_b = rng.standard_normal(4), rng.standard_normal(4)
+    want = ((mu_a - mu_b) ** 2).sum() + np.trace(A + B - 2 * psd_root(ra @ B @ ra))
+    assert frechet_distance(mu_a, A, mu_b, B) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(mu_a, A, mu_a, A) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_digit_features_are_the_classifiers_penultimate_layer_and_label_figures_count_predictions():
+    from rlft.benchmarks.dg_sections import digit_features, label_figures
+    from rlft.tasks.digits import NOT_A_DIGIT, DigitCNN
+
+    torch.manual_seed(0)
+    net = DigitCNN().double()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(net.fc2(digit_features(net, x)), net(x), rtol=1e-12, atol=1e-12)
+
+    class Fixed(nn.Module):  # predicts class i for image i
+        def __init__(self, classes):
+            super().__init__()
+            self.classes = classes
+
+        def forward(self, x):
+            return 10.0 * nn.functional.one_hot(torch.tensor(self.classes), NOT_A_DIGIT + 1).float()
+
+    data_labels = torch.tensor([0, 1, 2, 3] * 5)  # 0..3 at 1/4 each
+    figures = label_figures(Fixed([0, 0, 1, NOT_A_DIGIT]), torch.zeros(4, 1, 8, 8), data_labels)
+    # digits predicted: 0, 0, 1 -> (2/3, 1/3, 0, 0) against (1/4, 1/4, 1/4, 1/4): TV = (5/12 + 1/12 + 1/4 + 1/4) / 2
+    assert figures["label_tv"] == pytest.approx(0.5, rel=1e-12) and figures["not_a_digit"] == pytest.approx(0.25)
+
+
+def test_the_gamma_scorenet_and_digits_sections_run_tiny(tmp_path, capsys):
+    args = _args(tmp_path, sizes=[40], sections=["gamma", "scorenet", "digits"], scorenet_steps=5,
+                 scorenet_updates=2, digits_steps=2, digits_updates=2, digits_objective="mse_ce", digits_num_steps=4,
+                 digits_samples=16, digits_model_samples=32)
+    assert dg.run(args) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["cells"] == [] and [c["gamma"] for c in result["gamma_cells"]] == [0.1, 10.0]
+    s, d = result["sections"]["scorenet"], result["sections"]["digits"]
+    assert s["energy_distance_floor"] > 0 and s["pretrained_energy_distance"] > s["energy_distance_floor"]
+    assert d["frechet_floor"] >= 0 and {"frechet", "label_tv", "not_a_digit"} <= set(d["refined"])
+    assert (tmp_path / "out" / "dg_digits.png").stat().st_size > 0 and "Fréchet" in err and "scorenet" in err

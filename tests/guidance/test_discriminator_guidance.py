@@ -283,3 +283,100 @@ def test_the_default_learner_refines_a_2d_wrong_mixture_to_a_tenth_of_its_distan
     figures = lrn.evaluate(num_samples=16000)
     assert figures["energy_distance"] <= 0.1 * figures["pretrained"]["energy_distance"]
     assert figures[SCORE_ERROR] <= 0.1 * figures["pretrained"][SCORE_ERROR]
+
+
+# -- diffusers chains (issue 18 item 4: the digits UNet) ---------------------------------------------------------
+
+
+def _tiny_unet_chain(num_steps: int = 8):
+    """A randomly initialised tiny UNet2DModel on (1, 8, 8) with the digits scheduler (no x0 clipping), float64."""
+    from rlft.models.diffusers_chain import DiffusersChain
+    from rlft.tasks.digits_unet import digits_scheduler_config, tiny_unet_config
+
+    chain = DiffusersChain.from_config(tiny_unet_config((8, 16)), digits_scheduler_config(100), num_steps=num_steps, seed=0)
+    return chain.to(dtype=torch.float64)
+
+
+class ImageLinearLogit(nn.Module):
+    """l(x, n) = <A, x> + n: grad_x l = A for images (B, 1, 8, 8)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.A = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def forward(self, x, noise_std):
+        return (x * self.A).flatten(1).sum(1) + noise_std
+
+
+def test_on_a_diffusers_chain_the_correction_is_the_means_response_to_a_score_shift_by_grad_l():
+    """On a DiffusersChain the control c_k w grad l must equal what the chain's own mean does when the UNet's score
+    -eps/sqrt(1 - ab_k) is shifted by w grad l (eps -> eps - sqrt(1 - ab_k) w grad l), and Levels.diffuse must be the
+    scheduler's own add_noise at the step's timestep."""
+    chain = _tiny_unet_chain()
+    levels, w, logit = Levels(chain), 0.7, ImageLinearLogit()
+    control = DiscriminatorGuidance(chain, logit, weight=w)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    base_output = chain.model_output
+    for k in (0, 3, chain.num_steps - 1):
+        tau = int(chain.scheduler.timesteps[k])
+        ab = float(chain.scheduler.alphas_cumprod[tau])
+        kk = torch.full((4,), k)
+        torch.testing.assert_close(levels.diffuse(x0, kk, eps), chain.scheduler.add_noise(x0, eps, torch.full((4,), tau)),
+                                   rtol=1e-6, atol=1e-6)  # the scheduler keeps alphas_cumprod in float32
+        x = levels.diffuse(x0, kk, eps)
+        with torch.no_grad():
+            plain = chain.mean(k, x)
+            chain.model_output = lambda k_, x_, cond=None: base_output(k_, x_, cond) - math.sqrt(1.0 - ab) * w * logit.A
+            shifted = chain.mean(k, x)
+            del chain.model_output  # back to the class's method
+            torch.testing.assert_close(ControlledChain(chain, control).mean(k, x) - plain, shifted - plain,
+                                       rtol=1e-9, atol=1e-12)
+        assert float((shifted - plain).abs().max()) > 1e-4  # a real shift, not 0 = 0
+
+
+def test_the_conv_discriminator_double_backpropagates_and_the_learner_runs_on_a_diffusers_chain(tmp_path):
+    """network auto is a conv net for images: J_MSE's phi-gradient through it matches central finite differences;
+    the learner trains on an image array (N, 1, 8, 8), evaluates and keeps the UNet frozen."""
+    import numpy as np
+
+    from rlft.guidance.discriminator import ConvLogitNet
+
+    net = logit_net((1, 8, 8), hidden=4, depth=2, num_frequencies=2).double()
+    assert isinstance(net, ConvLogitNet) and not isinstance(logit_net((2,), 4, 2, 2), ConvLogitNet)
+    g = torch.Generator().manual_seed(0)
+    x, n = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64)
+    target, weight = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(mse_loss(net, x, n, target, weight), params, allow_unused=True)
+    grads = [torch.zeros_like(q) if gr is None else gr for q, gr in zip(params, grads)]  # grad_x l ignores the last bias
+    v = [torch.randn(q.shape, generator=g, dtype=torch.float64) for q in params]  # a random direction in phi
+    directional, h = sum(float((gr * vi).sum()) for gr, vi in zip(grads, v)), 1e-5
+
+    def shifted(t: float) -> float:
+        with torch.no_grad():
+            for q, vi in zip(params, v):
+                q.add_(t * vi)
+        value = float(mse_loss(net, x, n, target, weight).detach())
+        with torch.no_grad():
+            for q, vi in zip(params, v):
+                q.sub_(t * vi)
+        return value
+
+    assert directional == pytest.approx((shifted(h) - shifted(-h)) / (2 * h), rel=1e-6)
+    assert abs(directional) > 1e-3
+
+    chain = _tiny_unet_chain()
+    np.save(tmp_path / "images.npy", torch.randn(40, 1, 8, 8, generator=g).numpy())
+    task = _task({"hidden": 4, "depth": 1, "drift_iterations": 2, "batch_size": 8, "objective": "mse_ce",
+                  "data": {"path": str(tmp_path / "images.npy"), "holdout": 0.25}}, num_steps=8)
+    lrn = build_learner(task, chain, None)
+    before = [q.clone() for q in chain.unet.parameters()]
+    figures = lrn.train_iteration()
+    assert isinstance(lrn.discriminator, ConvLogitNet) and math.isfinite(figures["mse_loss"])
+    assert lrn.samples()[1].shape == (30, 1, 8, 8)
+    out = lrn.evaluate(num_samples=10)
+    assert out["num_samples"] == 10 and math.isfinite(out["energy_distance"]) and out["pretrained"]["energy_distance"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, chain.unet.parameters()))
+    with pytest.raises(ConfigError, match="learner.network conv needs image events"):
+        _learner({"network": "conv"})
