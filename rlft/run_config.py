@@ -130,9 +130,9 @@ class RunConfig:
     workers_per_trial: int = 1
     """Differentiable learners: data-parallel workers per trial, each with batch_size / N paths (rlft.run.parallel)."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per extra data-parallel worker (workers_per_trial - 1 of them; the trial is worker 0)."""
+    """CPUs per data-parallel Ray Train worker (workers_per_trial > 1: N workers; the trial's process only drives them)."""
     gpus_per_worker: float = 0.0
-    """GPUs per extra data-parallel worker (NCCL when > 0; then also set gpus_per_trial, worker 0's)."""
+    """GPUs per data-parallel Ray Train worker (NCCL when > 0, gloo when 0; gpus_per_trial must then be 0)."""
     loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = field(
         default_factory=lambda: ["tensorboard", "csv"]
     )
@@ -154,9 +154,9 @@ class RunConfig:
             raise ConfigError(f"run.max_failures must be >= -1 (got {self.max_failures}); -1 retries forever")
         if not self.cpus_per_trial > 0:
             raise ConfigError(f"run.cpus_per_trial must be > 0 (got {self.cpus_per_trial}); fractions like 0.5 are allowed")
-        if self.workers_per_trial < 1 or not self.cpus_per_worker > 0 or (self.workers_per_trial > 1 and (self.gpus_per_worker > 0) != (self.gpus_per_trial > 0)):
-            raise ConfigError(f"run.workers_per_trial must be >= 1 and run.cpus_per_worker > 0, and with workers_per_trial > 1 run.gpus_per_worker "
-                              f"and run.gpus_per_trial must be both 0 (gloo) or both > 0 (NCCL; the trial is worker 0) (got {self.workers_per_trial}, "
+        if self.workers_per_trial < 1 or not self.cpus_per_worker > 0 or (self.workers_per_trial > 1 and self.gpus_per_trial > 0):
+            raise ConfigError(f"run.workers_per_trial must be >= 1 and run.cpus_per_worker > 0, and with workers_per_trial > 1 run.gpus_per_trial "
+                              f"must be 0 (the Train workers take run.gpus_per_worker each; the trial only drives them) (got {self.workers_per_trial}, "
                               f"{self.cpus_per_worker}, {self.gpus_per_worker}, {self.gpus_per_trial})")
         for name in ("gpus_per_trial", "gpus_per_learner", "cpus_per_env_runner", "gpus_per_worker"):
             value = getattr(self, name)
@@ -169,7 +169,7 @@ class RunConfig:
         if self.name is not None and (len(self.name) > 200 or any(not (c.isalnum() or c in "._-=,+") for c in self.name)):
             raise ConfigError(f"run.name {self.name[:40]!r}{'...' if len(self.name) > 40 else ''} ({len(self.name)} characters) "
                               "must be at most 200 letters, digits or . _ - = , +: choose another --name / run.name")
-        if self.device == "cuda" and self.gpus_per_trial == 0:
+        if self.device == "cuda" and self.gpus_per_trial == 0 and not (self.workers_per_trial > 1 and self.gpus_per_worker > 0):
             raise ConfigError("run.device is 'cuda' but run.gpus_per_trial is 0, so Ray gives the trial no GPU; set "
                               "run.gpus_per_trial (e.g. 1 or 0.5) or run.device: auto")
         if not self.storage_path:
@@ -185,7 +185,7 @@ class RunConfig:
         return "://" in self.storage_path
 
     def resource_bundles(self) -> list[dict[str, float]]:
-        """Placement-group bundles of one trial: its own process, then EnvRunners, then Learners.
+        """Bundles of one trial: its process, EnvRunners, Learners, then N > 1 Train workers (Train reserves those).
 
         Mirrors RLlib's `Algorithm.default_resource_request` so an RLlib algorithm built inside the trial
         finds its actors' resources in the trial's placement group.
@@ -200,7 +200,7 @@ class RunConfig:
             learner = {"CPU": 1.0} if self.gpus_per_learner == 0 else {"GPU": self.gpus_per_learner}
             bundles.append(learner)
         worker = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker > 0 else {})}
-        return bundles + [dict(worker) for _ in range(self.workers_per_trial - 1)]
+        return bundles + [dict(worker) for _ in range(self.workers_per_trial if self.workers_per_trial > 1 else 0)]  # Train's own group
 
 
 @dataclass(frozen=True)

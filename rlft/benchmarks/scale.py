@@ -1,15 +1,18 @@
-"""`rlft bench scale`: data-parallel updates/s with 1 and 2 workers, the data-parallel machinery's cost at N = 1,
-and reward-actor throughput against in-process evaluation (issue 20).
+"""`rlft bench scale`: data-parallel updates/s with 1 and 2 Ray Train workers, what Ray Train adds per update at
+N = 1, and reward-actor throughput against in-process evaluation (issue 20).
 
-Updates. A differentiable learner (`--learner`, default no_kl) on a D-dimensional GMM chain (`--dim`, default 8;
-K = `--num-steps`) with a global batch of B paths (`--batch-size`), one drift update per iteration, timed by the
-wall clock (several processes take part), median over `--updates` updates after one warm-up iteration, each
-data-parallel setting interleaved update by update with a fresh in-process learner (ratios within one pair):
-    in-process     `learner.train_iteration()` in this process (what run.workers_per_trial = 1 runs: nothing else
-                   is started, so the runner's N = 1 path is this one exactly);
-    dp N=1         `rlft.run.parallel.DataParallel` with world size 1 (process group, gradient all-reduce and metric
-                   averaging, no replica): the machinery's own overhead per update;
-    dp N=2         this process and one Ray actor, B/2 paths each, gradients all-reduced over gloo.
+Updates. A differentiable learner (`--learner`, default no_kl) on `--model`: `digits` (default) is the tiny digits
+UNet (`rlft.tasks.digits_unet.tiny_unet_config`, random weights: the cost of an update does not depend on them)
+fine-tuned through a LoRA adapter (`--lora-rank`), `gmm` a D-dimensional GMM chain (`--dim`); K = `--num-steps`,
+a global batch of B paths (`--batch-size`), one drift update per iteration, wall-clock times after one warm-up:
+    in-process     `learner.train_iteration()` in this process (what run.workers_per_trial = 1 runs: nothing
+                   else is started, so the runner's N = 1 path is this one exactly), before and after the Train runs;
+    train N=1      a TorchTrainer of one worker (forced here; the runner never does this) running what each rank
+                   of `rlft train` runs per iteration: `rlft.run.parallel.Rank.train_iteration` (gradient
+                   all-reduce, metric gather) and one `ray.train.report`; interleaved update by update, in the same
+                   worker, with a plain `train_iteration()` of a second learner: the ratio is Train's overhead;
+    train N=2      two Train workers (gloo), B/2 paths each, against the in-process time.
+The worker group's start (`fit` wall time minus the timed loop) is reported on its own.
 Rewards. A reward that costs >= 10 ms per batch (`BenchReward`: a random MLP of `--reward-hidden` units, depth
 `--reward-depth`, on the flattened sample) scores `--reward-batches` batches of `--reward-batch-size` rows, in
 process and through pools of 1 and 2 Ray actors (`reward: {..., workers: M, batch_size: b}`); samples/s and ratios.
@@ -59,10 +62,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("scale", help="data-parallel updates/s (1 vs 2 workers) and reward-actor throughput",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--learner", default="no_kl", help="differentiable learner type (default no_kl)")
+    p.add_argument("--model", default="digits", choices=["digits", "gmm"], help="digits UNet + LoRA, or a GMM (default digits)")
     p.add_argument("--dim", type=int, default=8, help="GMM dimension D (default 8)")
-    p.add_argument("--num-steps", type=int, default=50, help="chain steps K (default 50)")
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch B per update (default 2048)")
-    p.add_argument("--updates", type=int, default=5, help="timed updates per setting (default 5)")
+    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank of the digits UNet (default 4)")
+    p.add_argument("--num-steps", type=int, default=10, help="chain steps K (default 10)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch B per update (default 32)")
+    p.add_argument("--updates", type=int, default=3, help="timed updates per setting (default 3)")
     p.add_argument("--reward-batch-size", type=int, default=256, help="rows per reward chunk (default 256)")
     p.add_argument("--reward-batches", type=int, default=16, help="chunks per timed reward call (default 16)")
     p.add_argument("--reward-hidden", type=int, default=1024, help="hidden units of the bench reward (default 1024)")
@@ -74,19 +79,95 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def task_data(a: argparse.Namespace, workers: int) -> dict[str, Any]:
-    """The bench task: a 2-component D-dimensional GMM, a quadratic reward, the learner with one update per iteration."""
-    d = a.dim
+def task_data(a: argparse.Namespace, workers: int, model_dir: str = "") -> dict[str, Any]:
+    """The bench task: the digits UNet (saved in model_dir) with a linear reward, or a 2-component D-dimensional GMM
+    with a quadratic one; the learner with one update per iteration."""
     gpu = a.device == "cuda"
+    if a.model == "digits":
+        model, reward = {"type": "diffusers", "path": model_dir}, {"type": "linear", "direction": [0.01] * 64}
+        extra = {"lora_rank": a.lora_rank}
+    else:
+        d = a.dim
+        model = {"type": "gmm", "weights": [0.5, 0.5], "means": [[1.0] * d, [-1.0] * d], "stds": [0.5, 0.5]}
+        reward, extra = {"type": "quadratic", "center": [0.5] * d, "scale": 1.0}, {}
     return {
-        "model": {"type": "gmm", "weights": [0.5, 0.5], "means": [[1.0] * d, [-1.0] * d], "stds": [0.5, 0.5]},
-        "reward": {"type": "quadratic", "center": [0.5] * d, "scale": 1.0}, "alpha": 1.0, "num_steps": a.num_steps,
-        "seed": 0,
+        "model": model, "reward": reward, "alpha": 1.0, "num_steps": a.num_steps, "seed": 0,
         "learner": {"type": a.learner, "batch_size": a.batch_size, "drift_iterations": 100,
-                    "drift_iterations_per_train_iteration": 1},
+                    "drift_iterations_per_train_iteration": 1, **extra},
         "run": {"iterations": 100, "workers_per_trial": workers, "cpus_per_worker": 1.0, "device": a.device,
-                "gpus_per_trial": 0.5 if gpu else 0.0, "gpus_per_worker": 0.5 if gpu and workers > 1 else 0.0},
+                "gpus_per_worker": 0.5 if gpu and workers > 1 else 0.0, "gpus_per_trial": 0.5 if gpu and workers == 1 else 0.0},
     }
+
+
+def _learner(data: dict[str, Any], device: str):
+    """A learner of rank `data`'s share (batch_size / workers_per_trial), built as the trial builds it."""
+    from rlft.learners import build_learner
+    from rlft.models import build_model
+    from rlft.rewards import build_reward
+    from rlft.run.parallel import worker_task
+    from rlft.run_config import experiment_from_dict
+
+    task, run, _ = experiment_from_dict(data)
+    task = worker_task(task, run)
+    torch.manual_seed(task.seed)
+    model = build_model(task.model, task.num_steps).to(device=device)
+    return build_learner(task, model, build_reward(task.reward, model=model).to(model.device)), task
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: what `rlft.run.trial.train_loop` does per iteration on each rank (timed),
+    interleaved (N = 1) with a plain in-process learner's `train_iteration()` in the same worker."""
+    import tempfile
+
+    import ray.train
+
+    import rlft.run.train_workers as train_workers
+    from rlft.run.parallel import Rank
+
+    torch.set_num_threads(1)
+    device = config["device"] if config["device"] == "cpu" else train_workers.device()
+    learner, task = _learner(config["task"], device)
+    group = Rank(learner, task)
+    start = time.perf_counter()
+    group.sync()
+
+    def step() -> None:
+        group.train_iteration()
+        train_workers.report([], None)
+
+    steps = [step]
+    if group.world == 1:
+        steps.append(_learner({**config["task"], "run": {**config["task"]["run"], "workers_per_trial": 1}}, device)[0].train_iteration)
+    times = _times(steps, config["updates"])
+    with tempfile.TemporaryDirectory() as tmp:  # Train keeps a run's metrics only with a checkpoint
+        Path(tmp, "times.json").write_text(json.dumps({"times": times, "loop_s": time.perf_counter() - start}))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if group.rank == 0 else None)
+
+
+def _train_run(a: argparse.Namespace, workers: int, model_dir: str) -> dict[str, Any]:
+    """One TorchTrainer run of `_train_worker` on `workers` workers; its times and its start cost."""
+    import tempfile
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    import rlft.run.train_workers as train_workers
+
+    os.environ.setdefault(train_workers.HEALTH_CHECK_ENV, train_workers.HEALTH_CHECK_S)
+    os.environ.setdefault(train_workers.PRINT_PATCH_ENV, "0")
+    gpu = a.device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="rlft_bench_scale_") as storage:
+        trainer = TorchTrainer(
+            _train_worker, train_loop_config={"task": task_data(a, workers, model_dir), "updates": a.updates, "device": a.device},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                                   resources_per_worker={"CPU": 1.0, **({"GPU": 0.5} if gpu else {})}),
+            run_config=ray.train.RunConfig(name=f"scale{workers}", storage_path=storage))
+        t = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t
+        with result.checkpoint.as_directory() as directory:
+            measured = json.loads(Path(directory, "times.json").read_text())
+    return {"times": measured["times"], "fit_s": wall, "start_s": wall - measured["loop_s"]}
 
 
 def _median_time(step: Callable[[], Any], n: int) -> float:
@@ -112,33 +193,26 @@ def _times(steps: list[Callable[[], Any]], n: int) -> list[list[float]]:
 
 
 def bench_updates(a: argparse.Namespace) -> dict[str, Any]:
-    from rlft.learners import build_learner
-    from rlft.models import build_model
-    from rlft.rewards import build_reward
-    from rlft.run.parallel import DataParallel, worker_task
-    from rlft.run_config import experiment_from_dict
+    import tempfile
 
-    def learner_for(workers: int):
-        task, run, _ = experiment_from_dict(task_data(a, workers))
-        task = worker_task(task, run)
-        torch.manual_seed(task.seed)
-        model = build_model(task.model, task.num_steps).to(device=a.device)
-        return build_learner(task, model, build_reward(task.reward, model=model)), task, run
+    with tempfile.TemporaryDirectory(prefix="rlft_bench_unet_") as model_dir:
+        if a.model == "digits":
+            from rlft.models.diffusers_chain import DiffusersChain
+            from rlft.tasks.digits_unet import digits_scheduler_config, tiny_unet_config
 
-    out: dict[str, Any] = {}
-    for workers in (1, 2):  # each against an in-process learner, interleaved update by update
-        plain = learner_for(1)[0]
-        learner, task, run = learner_for(workers)
-        group = DataParallel(learner, task, run)  # world size 1: the process group and the all-reduce, no replica
-        try:
-            base, dp = (statistics.median(t) for t in _times([plain.train_iteration, group.train_iteration], a.updates))
-        finally:
-            group.close()
-        out[f"in_process_s_vs_dp{workers}"], out[f"dp{workers}_s"] = base, dp
-    out["in_process_s"] = statistics.median([out["in_process_s_vs_dp1"], out["in_process_s_vs_dp2"]])
-    out["updates_per_s"] = {"in_process": 1 / out["in_process_s"], "dp1": 1 / out["dp1_s"], "dp2": 1 / out["dp2_s"]}
-    out["dp1_overhead"] = out["dp1_s"] / out["in_process_s_vs_dp1"] - 1
-    out["dp2_speedup"] = out["in_process_s_vs_dp2"] / out["dp2_s"]
+            DiffusersChain.from_config(tiny_unet_config(), digits_scheduler_config(), num_steps=a.num_steps, seed=0).save_pretrained(model_dir)
+        plain = _learner(task_data(a, 1, model_dir), a.device)[0]
+        before = statistics.median(_times([plain.train_iteration], a.updates)[0])
+        one, two = _train_run(a, 1, model_dir), _train_run(a, 2, model_dir)
+        after = statistics.median(_times([plain.train_iteration], a.updates)[0])
+    out: dict[str, Any] = {"in_process_s": statistics.median([before, after]), "in_process_before_s": before,
+                           "in_process_after_s": after}
+    out["train1_s"], out["train1_plain_s"] = (statistics.median(t) for t in one["times"])
+    out["train2_s"] = statistics.median(two["times"][0])
+    out["train1_start_s"], out["train2_start_s"] = one["start_s"], two["start_s"]
+    out["updates_per_s"] = {"in_process": 1 / out["in_process_s"], "train1": 1 / out["train1_s"], "train2": 1 / out["train2_s"]}
+    out["train1_overhead"] = out["train1_s"] / out["train1_plain_s"] - 1
+    out["train2_speedup"] = out["in_process_s"] / out["train2_s"]
     return out
 
 
@@ -182,14 +256,16 @@ def run(a: argparse.Namespace) -> int:
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  num_cpus=max(3, os.cpu_count() or 1),  # this process + one worker + one actor per bench part
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
-    result: dict[str, Any] = {"device": a.device, "cpus": os.cpu_count(), "dim": a.dim, "num_steps": a.num_steps,
-                              "batch_size": a.batch_size, "learner": a.learner}
+    result: dict[str, Any] = {"device": a.device, "cpus": os.cpu_count(), "model": a.model, "dim": a.dim,
+                              "num_steps": a.num_steps, "batch_size": a.batch_size, "learner": a.learner}
     if "updates" not in a.skip:
         result["updates"] = bench_updates(a)
         u = result["updates"]
-        print(f"updates (B={a.batch_size}, D={a.dim}, K={a.num_steps}): in-process {u['in_process_s_vs_dp1']:.3f} s/update vs "
-              f"dp N=1 {u['dp1_s']:.3f} s ({100 * u['dp1_overhead']:+.1f} %); in-process {u['in_process_s_vs_dp2']:.3f} s vs "
-              f"dp N=2 {u['dp2_s']:.3f} s (speed-up x{u['dp2_speedup']:.2f})", file=sys.stderr)
+        print(f"updates ({a.model}, B={a.batch_size}, K={a.num_steps}): in-process {u['in_process_s']:.3f} s/update "
+              f"(before {u['in_process_before_s']:.3f}, after {u['in_process_after_s']:.3f}); Ray Train N=1 {u['train1_s']:.3f} s vs "
+              f"plain in the same worker {u['train1_plain_s']:.3f} s ({100 * u['train1_overhead']:+.1f} %); Ray Train N=2 "
+              f"{u['train2_s']:.3f} s (x{u['train2_speedup']:.2f} vs in-process); worker-group start {u['train1_start_s']:.1f} s "
+              f"(N=1), {u['train2_start_s']:.1f} s (N=2)", file=sys.stderr)
     if "rewards" not in a.skip:
         result["rewards"] = bench_rewards(a)
         r = result["rewards"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlft.config import ConfigError, TaskConfig, load_yaml, model_config_to_dict
+from rlft.rewards.remote import pool_bundles
 from rlft.run.keys import EXPERIMENT_FILE, LEARNER_DIR
 from rlft.run.storage import exists, join, log
 from rlft.run_config import RunConfig, SweepGrid, apply_overrides, experiment_from_dict, parse_assignments
@@ -227,15 +228,17 @@ def check_resources(run: RunConfig, task: TaskConfig) -> None:
     learner_cls, _ = check_learner_spec(task.learner)
     hook = getattr(learner_cls, "trial_resources", None)
     bundles = hook(task, run) if callable(hook) else run.resource_bundles()
+    bundles = bundles + pool_bundles(task.reward) * run.workers_per_trial  # reward actors: each worker's own pool
     need_cpu = sum(b.get("CPU", 0.0) for b in bundles)
     need_gpu = sum(b.get("GPU", 0.0) for b in bundles)
+    workers = f" + {run.workers_per_trial} x run.cpus_per_worker (Ray Train workers)" if run.workers_per_trial > 1 else ""
     if need_cpu > cpus:
-        key = "run.cpus_per_trial" if len(bundles) == 1 else "run.cpus_per_trial + RLlib env runners/learners"
+        key = "run.cpus_per_trial" if len(bundles) == 1 else f"run.cpus_per_trial + RLlib env runners/learners/reward actors{workers}"
         raise ConfigError(f"{key}: one trial needs {need_cpu:g} CPUs but this machine has {cpus}; a local Ray would "
                           f"wait for them forever: set run.cpus_per_trial <= {cpus} (fractions like 0.5 are allowed), "
                           "or run on a cluster with --address")
     if need_gpu > gpus:
-        raise ConfigError(f"run.gpus_per_trial: one trial needs {need_gpu:g} GPUs but this machine has {gpus}; set "
+        raise ConfigError(f"run.gpus_per_trial{workers.replace('cpus', 'gpus')}: one trial needs {need_gpu:g} GPUs but this machine has {gpus}; set "
                           "run.gpus_per_trial: 0 (and run.device: auto), or run on a GPU cluster with --address")
     if run.device == "cuda" and gpus == 0:
         raise ConfigError("run.device is 'cuda' but this machine has no GPU (torch.cuda.is_available() is False); "

@@ -1,58 +1,40 @@
-"""Data-parallel differentiable learners: `run: {workers_per_trial: N, gpus_per_worker: g}`.
+"""Data-parallel differentiable learners: one rank's side of `run: {workers_per_trial: N, gpus_per_worker: g}`.
 
 One update of a `DifferentiableLearner` (rlft.control.rollout) maximises a batch mean,
 J(theta) = 1/B sum_i j(theta; path_i), so its gradient over a batch of B = N b paths is the mean of the
 gradients over N batches of b paths. With N workers each simulates b = B/N paths from its own seed
 stream, the N gradients are averaged by an all-reduce (torch.distributed: gloo on CPU, NCCL on GPU) between
-`backward()` and the optimiser step (`DifferentiableLearner.grad_reducer`), and every worker takes the same
+`backward()` and the optimiser step (`DifferentiableLearner.grad_reducer`), and every rank takes the same
 Adam step from the same parameters, so the replicas stay identical without a parameter broadcast.
 
-Design (and why not Ray Train's TorchTrainer inside the Tune trial). Rank 0 is the Tune trial's own
-process and its learner is the trial's learner; ranks 1..N-1 are Ray actors the trial owns (`Replica`),
-placed in the trial's placement group (`RunConfig.resource_bundles` reserves their bundles). So the trial
-loop, its reports, its checkpoint manifest, resume and the exactly-once history of `rlft.run.trial` stay as
-they are: rank 0 reports and checkpoints, the replicas never write. Train V2 inside Tune would move the
-whole loop into a TorchTrainer with its own report/checkpoint path, a ~13 s worker-group start and a report
-latency of ~1.7 s per `ray.train.report` at the default poll interval (RAY_NOTES §6), for no gain in
-correctness here. N = 1 (the default) starts nothing and is today's path exactly.
-
-What runs where:
-- `setup()` (value-function and initial-law fits) runs once on rank 0, and its result reaches the replicas
-  with the rest of the state (it is not data-parallel: the fits are short next to the drift updates);
-- the state (networks, optimiser, counters) goes from rank 0 to every replica at start, after a restore and
-  after setup, as the bytes of `save_checkpoint` (no shared file system needed);
+This module is what each rank runs inside an initialised process group; who starts the ranks and the group is
+`rlft.run.train_workers` (Ray Train's TorchTrainer inside the Tune trial). Per rank (`Rank`):
+- the state (networks, optimiser, counters) goes from rank 0 to every rank at start (after rank 0's restore)
+  and after setup, as the bytes of `save_checkpoint` broadcast over the group (no shared file system needed);
+- `setup()` (the value-function and initial-law fits) runs once on rank 0 and reaches the others with that
+  broadcast: it is not data-parallel (the fits run their own optimisers, outside `grad_reducer`; they are a
+  one-off cost next to the drift updates);
 - rank r >= 1 then draws its noise from its own stream, seeded by (task.seed, r, updates so far); rank 0
   keeps the learner's own stream, so on resume rank 0 repeats the one-worker run's draws exactly and the
-  replicas start fresh streams;
-- metrics are averaged over the ranks; reward queries are summed (each rank counts its own, as today).
-If a replica's process dies mid-update, rank 0's all-reduce fails at once (gloo sees the closed connection; a
-replica that hangs instead fails it after `COLLECTIVE_TIMEOUT_S`), the trial fails, and Tune restarts it from
-its last checkpoint under `run.max_failures`; no iteration is lost or reported twice, because the rows since
-that checkpoint were never reported (`rlft.run.trial`; tests/run/test_scale.py kills rank 1 to check this).
+  other ranks start fresh streams;
+- metrics are averaged over the ranks; reward queries are summed into rank 0's counter (each rank counts its
+  own, as one process does), so the count is the same as one worker's on the concatenated batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import socket
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from rlft.config import TaskConfig
-from rlft.learners import build_learner, check_learner_spec
-from rlft.models import build_model
-from rlft.rewards import build_reward
+from rlft.learners import check_learner_spec
 from rlft.run_config import RunConfig
 
 #: the key of the world size in every reported row (and so in `--json`)
 WORLD_SIZE = "world_size"
-#: seconds a collective waits for a missing rank before it fails (a replica that died)
-COLLECTIVE_TIMEOUT_S = 300.0
 
 
 def worker_task(task: TaskConfig, run: RunConfig) -> TaskConfig:
@@ -71,7 +53,7 @@ def stream_seed(task: TaskConfig, rank: int, updates: int) -> int:
     return (int(task.seed) * 1_000_003 + rank * 7_919 + updates * 104_729) % 2**62
 
 
-def _average_gradients(params: list[torch.Tensor]) -> None:
+def average_gradients(params: list[torch.Tensor]) -> None:
     """All-reduces the gradients of `params` to their mean over the ranks (one flat buffer)."""
     import torch.distributed as dist
 
@@ -85,20 +67,15 @@ def _average_gradients(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
-def _join(address: str, rank: int, world: int, device: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=address, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-
-
-def _state_bytes(learner) -> dict[str, bytes]:
+def state_bytes(learner) -> dict[str, bytes]:
+    """The files `learner.save_checkpoint` writes, as {relative path: bytes}."""
     with tempfile.TemporaryDirectory(prefix="rlft_dp_") as tmp:
         learner.save_checkpoint(tmp)
         return {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
 
 
-def _load_bytes(learner, files: dict[str, bytes]) -> None:
+def load_bytes(learner, files: dict[str, bytes]) -> None:
+    """Loads what `state_bytes` returned into `learner`."""
     with tempfile.TemporaryDirectory(prefix="rlft_dp_") as tmp:
         for rel, data in files.items():
             Path(tmp, rel).parent.mkdir(parents=True, exist_ok=True)
@@ -106,110 +83,51 @@ def _load_bytes(learner, files: dict[str, bytes]) -> None:
         learner.load_checkpoint(tmp)
 
 
-class Replica:
-    """Rank r >= 1: a copy of the trial's learner that simulates its share of each update's batch."""
+class Rank:
+    """One rank of a data-parallel learner in an initialised process group (`torch.distributed`)."""
 
-    def __init__(self, task: TaskConfig, rank: int, world: int, device: str) -> None:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.task, self.rank, self.world, self.device = task, rank, world, device
-        torch.manual_seed(task.seed)
-        model = build_model(task.model, task.num_steps).to(device=device)
-        self.learner = build_learner(task, model, build_reward(task.reward, model=model).to(model.device))
-        self.learner.grad_reducer = _average_gradients
-
-    def join(self, address: str) -> None:
-        _join(address, self.rank, self.world, self.device)
-
-    def load(self, files: dict[str, bytes]) -> None:
-        """Takes rank 0's state, then reseeds this rank's own noise stream."""
-        _load_bytes(self.learner, files)
-        # the learner's one RNG draws every update's initial states and window seeds: this rank's own stream
-        self.learner._rng.manual_seed(stream_seed(self.task, self.rank, self.learner.drift_updates))
-
-    def train_iteration(self) -> tuple[dict[str, float], int]:
-        """One iteration in step with rank 0; its metrics and the reward queries it made."""
-        before = self.learner.reward_queries
-        metrics = self.learner.train_iteration()
-        return metrics, int(self.learner.reward_queries - before)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [p.detach().cpu().clone() for p in self.learner._drift_params]
-
-    def close(self) -> None:
+    def __init__(self, learner, task: TaskConfig) -> None:
         import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class DataParallel:
-    """Rank 0's side: owns the replicas, keeps them in step, and runs the trial's learner as rank 0."""
-
-    def __init__(self, learner, task: TaskConfig, run: RunConfig) -> None:
-        import ray
 
         if not hasattr(learner, "grad_reducer"):
             raise TypeError(f"{type(learner).__name__} is not a DifferentiableLearner: run.workers_per_trial must be 1")
-        self.learner, self.task, self.world = learner, task, run.workers_per_trial
-        device = "cuda" if run.gpus_per_worker > 0 else "cpu"
-        replica = ray.remote(Replica).options(num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker, max_restarts=0)
-        self.replicas = [replica.remote(task, r, self.world, device) for r in range(1, self.world)]
-        address = _free_address()
-        joined = [a.join.remote(address) for a in self.replicas]
-        _join(address, 0, self.world, torch.device(learner.model.device).type)
-        ray.get(joined)
-        learner.grad_reducer = _average_gradients
-        self.sync()
+        self.learner, self.task = learner, task
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        learner.grad_reducer = average_gradients
 
     def sync(self) -> None:
-        """Sends rank 0's whole state to every replica (after start, a restore and setup)."""
-        import ray
+        """Rank 0's whole state to every rank (at start and after setup); ranks >= 1 then reseed their stream."""
+        import torch.distributed as dist
 
-        files = ray.put(_state_bytes(self.learner))
-        ray.get([a.load.remote(files) for a in self.replicas])
+        box = [state_bytes(self.learner) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        if self.rank > 0:
+            load_bytes(self.learner, box[0])
+            # the learner's one RNG draws every update's initial states and window seeds: this rank's own stream
+            self.learner._rng.manual_seed(stream_seed(self.task, self.rank, self.learner.drift_updates))
 
     def train_iteration(self) -> dict[str, float]:
-        """One data-parallel iteration: setup on rank 0 the first time, then every rank's updates in step."""
-        import ray
+        """One iteration in step with the other ranks: setup on rank 0 the first time, then every rank's updates;
+        the metrics averaged over the ranks, and (on rank 0) the reward queries of all ranks counted."""
+        import torch.distributed as dist
 
         extra: dict[str, float] = {}
         if not self.learner.setup_done:
-            extra = self.learner.setup()
-            self.learner.setup_done = True
+            if self.rank == 0:
+                extra = self.learner.setup()
+                self.learner.setup_done = True
             self.sync()
-        futures = [a.train_iteration.remote() for a in self.replicas]
+        before = self.learner.reward_queries
         own = self.learner.train_iteration()
-        others = ray.get(futures)
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (own, int(self.learner.reward_queries - before)))
         metrics = {}
         for key, value in own.items():
-            values = [value] + [m[key] for m, _ in others if key in m]
+            values = [m[key] for m, _ in gathered if key in m]
             metrics[key] = sum(values) / len(values)
-        self.learner.reward_queries += sum(q for _, q in others)
+        if self.rank == 0:
+            self.learner.reward_queries += sum(q for _, q in gathered[1:])
         return {**extra, **metrics}
 
     def close(self) -> None:
-        import ray
-        import torch.distributed as dist
-
-        ray.get([a.close.remote() for a in self.replicas])
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for a in self.replicas:
-            ray.kill(a)
         del self.learner.grad_reducer  # back to the class's no-op
-
-
-def _free_address() -> str:
-    """tcp://<this node's IP>:<a free port> for the process group's rendezvous."""
-    import ray
-
-    ip = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        port = s.getsockname()[1]
-    return f"tcp://{ip}:{port}"
-
-
-def start(learner, task: TaskConfig, run: RunConfig) -> DataParallel | None:
-    """The data-parallel group of a trial (None for run.workers_per_trial = 1: today's single-process path)."""
-    return DataParallel(learner, task, run) if run.workers_per_trial > 1 else None

@@ -30,6 +30,7 @@ DROPPED = (
     "Wrote the latest version of all result files",
     "Checkpoint successfully created at",
     "`RLModule(config=",
+    "Reporting training result",  # Ray Train (rlft.run.train_workers): every report, with its metrics
 )
 #: Tune's message for a failed trial (its traceback follows): replaced by one line
 TRIAL_FAILED = re.compile(r"Trial task failed for trial (\S+)")

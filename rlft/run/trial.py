@@ -15,6 +15,8 @@
        Each checkpoint also carries that history (history.jsonl, rows 1..c'), the record that survives
        anything: the driver syncs Tune's own logs to storage only every few checkpoints, so a killed
        driver can lose their last rows (a trial restarted by a live driver keeps them: `rlft.run.tune`).
+With run.workers_per_trial = N > 1 the loop (`train_loop`) runs on N Ray Train workers (`worker_main`, started
+by `rlft.run.train_workers.fit`): rank 0 does all of the above, ranks >= 1 only update in step with it.
 
 Checkpoint directory (data only; Tune copies it out of a temporary directory):
     learner/              what `learner.save_checkpoint` wrote (safetensors + JSON)
@@ -35,7 +37,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ from rlft.run.keys import (
 )
 from rlft.run.storage import json_default, log
 import rlft.run.parallel as parallel
+import rlft.run.train_workers as train_workers
 from rlft.run.progress import Progress
 from rlft.run.quiet import quiet_ray
 from rlft.run_config import RunConfig, apply_overrides, run_config_of, validate_task
@@ -81,22 +84,60 @@ def trial_task(config: dict[str, Any]) -> TaskConfig:
 
 
 def trial_main(config: dict[str, Any]) -> None:
-    """Tune function trainable: build, restore, then train/evaluate/report/checkpoint to run.iterations."""
+    """Tune function trainable: build, restore, then train/evaluate/report/checkpoint to run.iterations.
+
+    With run.workers_per_trial = N > 1 the same loop runs on N Ray Train workers (`worker_main`, started and
+    forwarded to Tune by `rlft.run.train_workers.fit`); N = 1 runs it here, in the trial's process."""
     from ray import tune
 
     quiet_ray()  # RLlib's and Tune's notices about their own internals (rlft.run.quiet)
     task = trial_task(config)
     run = run_config_of(task)  # the hook learners read: the loop and their schedules see one number
     label = ", ".join(f"{k}={v}" for k, v in config.items() if k != TASK_KEY) or "trial"
+    if run.workers_per_trial > 1:
+        train_workers.fit(config, run, worker_main, label)
+        return
+
+    def report(rows: list[dict[str, Any]], directory: str | None) -> None:
+        for row in rows[:-1]:
+            tune.report(row)
+        if rows:
+            tune.report(rows[-1], checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    train_loop(task, run, label, tune.get_checkpoint(), report, _trial_device(run))
+
+
+def worker_main(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker` of a data-parallel trial: this rank's share of `train_loop`."""
+    quiet_ray()
+    task = trial_task(config)
+    run = run_config_of(task)
+    label = ", ".join(f"{k}={v}" for k, v in config.items() if k != TASK_KEY) or "trial"
+    rank, world = train_workers.world()
+    device = "cpu" if run.device == "cpu" else train_workers.device()  # Train's: cuda:<local rank> with gpus_per_worker
+    train_loop(task, run, label, train_workers.get_checkpoint() if rank == 0 else None, train_workers.report, device,
+               rank=rank, world=world)
+
+
+Report = Callable[[list[dict[str, Any]], "str | None"], None]
+"""report(rows, checkpoint directory or None): called once per iteration, with the rows due (often none)."""
+
+
+def train_loop(task: TaskConfig, run: RunConfig, label: str, ckpt, report: Report, device: str,
+               rank: int = 0, world: int = 1) -> None:
+    """The trial loop of one rank: rank 0 restores, evaluates, writes checkpoints and reports its rows; ranks >= 1
+    (data parallel, `rlft.run.parallel.Rank`) only update in step with it and report nothing."""
     torch.manual_seed(task.seed)
-    model = build_model(task.model, task.num_steps).to(device=_trial_device(run))
+    model = build_model(task.model, task.num_steps).to(device=device)
     task = _prepared_task(task, model)
     reward = build_reward(task.reward, model=model).to(model.device) if task.reward is not None else None  # smeme, DG
     task = parallel.worker_task(task, run)  # learner.batch_size / run.workers_per_trial paths per worker
     learner = build_learner(task, model, reward)
     quiet_ray()  # again: RLlib installs its own log handler when the learner imports it
-    state, history = _restore(learner, tune.get_checkpoint(), label)
-    group = parallel.start(learner, task, run)  # data-parallel workers 1..N-1; None for run.workers_per_trial = 1
+    state, history = _restore(learner, ckpt, label)
+    group = parallel.Rank(learner, task) if world > 1 else None
+    if group:
+        group.sync()  # rank 0's (restored) state on every rank
     best = best_evaluated(history)  # a new best evaluation is checkpointed (`rlft.run.results` names it)
     last_eval: dict[str, Any] = state.get(LAST_EVAL) or {}
     wall = float(state.get(WALL_TIME, 0.0))
@@ -108,6 +149,9 @@ def trial_main(config: dict[str, Any]) -> None:
         it = learner.iteration
         if it != before + 1:
             raise RuntimeError(f"{type(learner).__name__}.train_iteration() must add 1 to iteration ({before} -> {it})")
+        if rank > 0:
+            report([], None)  # in step with rank 0's report (Train's report is a barrier over the ranks)
+            continue
         final = it >= run.iterations
         if not last_eval or it % run.eval_every == 0 or final:
             last_eval = {**learner.evaluate(num_samples=run.eval_samples), EVAL_ITERATION: it}
@@ -118,7 +162,7 @@ def trial_main(config: dict[str, Any]) -> None:
         log(progress.line(it, metrics, last_eval, last_eval.get(EVAL_ITERATION)))
         pending.append({
             ITERATION: it, REWARD_QUERIES: int(learner.reward_queries), WALL_TIME: wall, ITERATION_TIME: elapsed,
-            TRAIN: _numbers(metrics), parallel.WORLD_SIZE: run.workers_per_trial, **last_eval,
+            TRAIN: _numbers(metrics), parallel.WORLD_SIZE: world, **last_eval,
         })
         history.append(pending[-1])
         at_best = best is not None and best[ITERATION] == it > 1  # not the first row: it only records the start
@@ -128,12 +172,12 @@ def trial_main(config: dict[str, Any]) -> None:
                      LAST_EVAL: last_eval, **extra}
             with tempfile.TemporaryDirectory(prefix="rlft_ckpt_") as tmp:
                 write_checkpoint(tmp, learner, state, samples, history)
-                for row in pending[:-1]:
-                    tune.report(row)
-                tune.report(pending[-1], checkpoint=tune.Checkpoint.from_directory(tmp))
+                report(pending, tmp)
             pending = []
         elif not run.checkpoint_every:  # no restore point between start and end: report at once
-            tune.report(pending.pop())
+            report([pending.pop()], None)
+        else:
+            report([], None)
     if group:
         group.close()
 

@@ -260,8 +260,9 @@ def trial_resources(config: dict[str, Any]):
     learner_cls, _ = check_learner_spec(task.learner)
     hook = getattr(learner_cls, "trial_resources", None)
     bundles = hook(task, run) if callable(hook) else run.resource_bundles()
-    bundles = bundles + pool_bundles(task.reward) * run.workers_per_trial  # reward actors: each data-parallel worker's own
-    return PlacementGroupFactory(bundles, strategy="PACK")
+    if run.workers_per_trial > 1:  # Ray Train reserves its N workers (and their reward actors run beside them)
+        return PlacementGroupFactory(bundles[:1], strategy="PACK")
+    return PlacementGroupFactory(bundles + pool_bundles(task.reward), strategy="PACK")
 
 
 def _trial_dirname(trial) -> str:
