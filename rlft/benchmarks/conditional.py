@@ -14,6 +14,10 @@ per condition. The gap closure's own standard error at 1000 samples per conditio
 exact optimal control evaluates at 0.98-1.02 per condition; with the pretrained N(0, I) initial law instead of nu*, as
 the RLlib learners have, at 0.97-1.01: the fixed initial law costs <= 0.03 of the gap on this bed).
 
+Times: training wall time, the wall time of the whole learner (evaluations included) and this process's CPU time in
+training (the whole of an in-process learner's cost on one thread, unaffected by other load; an RLlib learner's
+EnvRunner and Learner actors are other processes, not counted there).
+
 `--json` prints one JSON object on stdout; tables and progress go to stderr. `--quick` shrinks every budget (a smoke run,
 not the numbers to report). Times are wall-clock on whatever machine runs it (on a shared machine an upper bound).
 """
@@ -25,6 +29,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+import rlft.benchmarks.conditional_digits as conditional_digits  # the `--sections digits` section
 from rlft.run.storage import log as _log  # one progress line on stderr
 
 TASK_FILE = Path(__file__).resolve().parents[2] / "tune_configs" / "conditional_gmm.yaml"
@@ -48,6 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="rlft_bench_conditional", help="directory for results.json")
     p.add_argument("--png", default=None, help="the curves' PNG (default: OUT/conditional.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--sections", nargs="+", choices=("gmm", "digits"), default=["gmm"],
+                   help="gmm: the learners on the exact bed; digits: the class-conditional digits UNet with a LoRA "
+                        "(rlft.benchmarks.conditional_digits) (default: gmm)")
+    conditional_digits.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -66,7 +75,7 @@ def task_data(path: str, learner: str, seed: int, iterations: int | None, quick:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--learner-set takes KEY=VALUE (got {item!r})")
-        data["learner"][key] = yaml.safe_load(value)
+        data["learner"][key] = _number(yaml.safe_load(value))
     data["seed"] = seed
     run = dict(data.get("run") or {})
     if iterations is not None:
@@ -77,6 +86,16 @@ def task_data(path: str, learner: str, seed: int, iterations: int | None, quick:
                                                  "value_iterations": 20, "init_iterations": 5} if learner == "elegant" else {})}
     data["run"] = run
     return data
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-4 as a string; a string that is a float is the float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def train_one(data: dict[str, Any], eval_every: int, eval_samples: int, final_samples: int) -> dict[str, Any]:
@@ -98,12 +117,13 @@ def train_one(data: dict[str, Any], eval_every: int, eval_samples: int, final_sa
     reward = build_reward(task.reward, model=model)
     learner = build_learner(task, model, reward)
     conditions = conditions_of(task)
-    curve, train_time, wall_start = [], 0.0, time.perf_counter()
+    curve, train_time, cpu_time, wall_start = [], 0.0, 0.0, time.perf_counter()
     try:
         while learner.iteration < iterations:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             learner.train_iteration()
             train_time += time.perf_counter() - start
+            cpu_time += time.process_time() - cpu_start
             it = learner.iteration
             if it % eval_every == 0 or it == iterations:
                 fig = evaluation.evaluate_run(model, reward, task.alpha, learner.control(), learner.init_dist(), eval_samples,
@@ -120,7 +140,7 @@ def train_one(data: dict[str, Any], eval_every: int, eval_samples: int, final_sa
         algo = getattr(learner, "algo", None)  # an RLlib learner's Algorithm holds EnvRunner/Learner actors
         if algo is not None:
             algo.stop()
-    return {"curve": curve, "train_time": train_time, "wall_time": time.perf_counter() - wall_start,
+    return {"curve": curve, "train_time": train_time, "train_cpu_time": cpu_time, "wall_time": time.perf_counter() - wall_start,
             "reward_queries": int(learner.reward_queries), "final": final, "to_threshold": _to_threshold(curve)}
 
 
@@ -154,7 +174,8 @@ def _row(name: str, res: dict[str, Any]) -> dict[str, Any]:
         "train_ed_ratio": ratio(f), "heldout_ed_ratio": ratio(held) if held else None, "train_kl": f[ev.KL],
         "heldout_kl": held.get(ev.KL), "queries_to_50": half["reward_queries"] if half else None,
         "reward_queries": res["reward_queries"], "train_time": res["train_time"], "wall_time": res.get("wall_time"),
-        "per_condition_gap_closure": {k: v[ev.GAP_CLOSURE] for k, v in f[ev.PER_CONDITION].items()},
+        "train_cpu_time": res.get("train_cpu_time"),
+        "per_condition_gap_closure": {k: v[ev.GAP_CLOSURE] for k, v in f.get(ev.PER_CONDITION, {}).items()},
     }
 
 
@@ -164,6 +185,11 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def run(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sections = getattr(args, "sections", None) or ["gmm"]
+    if "digits" in sections:
+        conditional_digits.run_section(args)
+    if "gmm" not in sections:
+        return 0
     results: dict[str, Any] = {}
     started_ray = False
     if any(needs_ray(name) for name in args.learners):
@@ -182,15 +208,15 @@ def run(args) -> int:
             ray.shutdown()
     rows = [_row(n, r) for n, r in results.items()]
     _log("| learner | train gap closure | held-out gap closure | ED/floor train | ED/floor held-out | KL train | "
-         "queries to 50 % | queries | train time | wall time |")
-    _log("|---|---|---|---|---|---|---|---|---|---|")
+         "queries to 50 % | queries | train time | this process's train CPU | wall time |")
+    _log("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             _log(f"| {r['learner']} | error: {r['error'][:80]} |")
             continue
         _log(f"| {r['learner']} | {_fmt(r['train_gap_closure'])} | {_fmt(r['heldout_gap_closure'])} | {_fmt(r['train_ed_ratio'], '.2f')} | "
              f"{_fmt(r['heldout_ed_ratio'], '.2f')} | {_fmt(r['train_kl'])} | {_fmt(r['queries_to_50'])} | {r['reward_queries']} | "
-             f"{r['train_time']:.0f} s | {r['wall_time']:.0f} s |")
+             f"{r['train_time']:.0f} s | {r['train_cpu_time']:.0f} s | {r['wall_time']:.0f} s |")
         _log("    per condition: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_condition_gap_closure"].items()))
     out = {"task": args.task, "seed": args.seed, "learner_set": args.learner_set, "rows": rows, "results": results}
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -61,10 +61,18 @@ class GRPOOptions(PPOKLOptions):
     """Added to the group's std before dividing (a group of equal returns gets advantage 0)."""
     episodes_per_iteration: int = 256
     """Trajectories per iteration, all EnvRunners together (a multiple of group_size)."""
+    lr_final: float | None = 1e-4
+    """lr of the last of run.iterations, reached linearly from lr (null: lr throughout). With a constant lr the
+    iterate keeps moving by the gradient noise: on tune_configs/conditional_gmm.yaml (100 iterations, seed 0,
+    1000 samples per condition, s.e. of the mean training gap closure ~0.01) the training gap closure read
+    .848/.865/.835/.855/.871 at iterations 20/40/60/80/100 at lr 1e-3, and .838/.867/.856/.876/.892 with this
+    decay (2000-sample final evaluation 0.892); at 512 episodes per iteration 0.899 either way."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
             _fail("group_size", self.group_size, "must be >= 2 (a group's mean is the baseline)", "use e.g. group_size: 16")
+        if self.lr_final is not None and self.lr_final > self.lr:
+            _fail("lr_final", self.lr_final, f"must be <= lr = {self.lr} (the schedule decays)", f"use lr_final: {self.lr / 10:g} or null")
         if not self.std_eps > 0:
             _fail("std_eps", self.std_eps, "must be > 0", "use std_eps: 1e-4")
         if self.gamma != 1.0:

@@ -202,11 +202,24 @@ def test_a_flipped_sign_is_detected(gradients, variant):
     ({"group_size": 1}, r"group_size must be >= 2"),
     ({"gamma": 0.9}, r"gamma must be 1.0 for grpo"),
     ({"std_eps": 0.0}, r"std_eps must be > 0"),
+    ({"lr": 5e-5}, r"lr_final must be <= lr = 5e-05 .*\(got 0.0001\); use lr_final: 5e-06 or null"),
     ({"env": "restart"}, "needs a drift env"),
 ])
 def test_option_errors_before_ray_starts(learner, match):
     with pytest.raises(ConfigError, match=match):
         check_learner_spec({"type": "grpo", **learner})
+
+
+def test_default_lr_decays_linearly_to_lr_final_at_the_last_iteration():
+    """GRPO's default schedule: lr 1e-3 at the first update, 1e-4 at the last of run.iterations (rlft.rllib.grpo)."""
+    from rlft.rllib.adapter import lr_schedule
+    from rlft.rllib.grpo import GRPOOptions
+
+    o = GRPOOptions()
+    assert (o.lr, o.lr_final) == (1e-3, 1e-4)
+    steps = o.episodes_per_iteration * 100
+    assert lr_schedule(o.lr, o.lr_final, 100, steps) == [[0, 1e-3], [99 * steps, 1e-4]]
+    assert lr_schedule(o.lr, None, 100, steps) == 1e-3
 
 
 # -- on Ray: one iteration, a data-only checkpoint, rlft.load without Ray ----------------------------------------
