@@ -20,6 +20,8 @@ Learners (names are the JSON keys):
     elegant               ELEGANT Alg. 1 (value function, initial distribution, drift)
     elegant_drift         ELEGANT without initial-distribution learning (learn_init: false)
     elegant_f             elegant_drift with an f-divergence regulariser (TANG §4, --divergence, default chi2)
+    adjoint_matching      Adjoint Matching's regression onto the lean adjoint of grad r (r is the oracle MLP on the
+                          continuous x_K, so it has a gradient; r* is a lookup and is only scored)
 elegant and elegant_drift are separate rows because x_0 of the VP chain (beta_max = 20) carries almost no
 information about x_K: the value targets are mostly noise, and before `rlft.control.value` clamped a(x) to the
 range of its targets the initial control chased the value network's extrapolation (measured: init KL 70-1000
@@ -56,11 +58,11 @@ from typing import Any
 
 ALL_LEARNERS = (
     "pretrained", "no_kl", "truncation", "random_k", "guidance", "guidance_tweedie", "ppo_kl", "elegant",
-    "elegant_drift", "elegant_f",
+    "elegant_drift", "elegant_f", "adjoint_matching",
 )
 #: learners driven through `rlft.learners.build_learner`, with their `learner.type`
 _LEARNER_TYPES = {"no_kl": "no_kl", "truncation": "truncation", "random_k": "random_k", "ppo_kl": "ppo_kl",
-                  "elegant": "elegant", "elegant_drift": "elegant", "elegant_f": "elegant"}
+                  "elegant": "elegant", "elegant_drift": "elegant", "elegant_f": "elegant", "adjoint_matching": "adjoint_matching"}
 # figure keys (the JSON contract beside rlft.evaluation's)
 REWARD, REWARD_DECODED, TRUE_REWARD, KL, OBJECTIVE = "reward", "reward_decoded", "true_reward", "kl", "objective"
 DIVERSITY, HAMMING, DISTINCT, TV = "diversity", "hamming_diversity", "distinct_fraction", "tv_to_target"
@@ -241,6 +243,8 @@ def learner_spec(name: str, budget: Budget, divergence: str) -> dict[str, Any]:
     }
     lr = budget.lr_no_kl if name in ("no_kl", "truncation", "random_k") else budget.lr
     spec.update(lr=lr, lr_final=lr / 10)
+    if name == "adjoint_matching":
+        del spec["pathwise_weight"]  # a regression, not a back-propagated objective
     if name == "truncation":
         spec["truncation_steps"] = max(1, round(0.2 * budget.num_steps))  # update on [0.8 T, T] (Table 3)
     if name == "elegant":

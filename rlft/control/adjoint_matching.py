@@ -54,6 +54,19 @@ the bench's 2-D task at alpha = 0.1 (one seed, 2000 evaluation samples; `rlft be
   nor did lr 1e-3 (0.801, 177x, KL 3.7: the right size, mass still in the wrong modes) or batch 512 (0.888, 33x,
   KL 5.5); at batch 1024 the lean adjoint overflowed float32 on a rare path (non-finite gradient at update 53).
 
+Two attempts at the fixed point, both options (off by default; 2-D task, alpha = 0.1, 200 updates, one seed):
+- backward sweep (`backward_sweep`): step k's target depends on the controls of steps >= k, so a front that moves
+  from the last step back to step 0, with the steps before it uncontrolled in the training rollout, fits each step
+  against laws already fitted after it (the optimal feedback law does not depend on the marginal of x_k). It is not
+  a one-pass solve: step k's own delta_k moves its target by -s_k^2 P / alpha times its change (P: V_{k+1}'s
+  curvature; x_{k+1} contains delta_k), so even one step alone is a fixed-point iteration that diverges undamped once
+  s_k^2 P / alpha > 1 (tests pin the damped sweep at the optimum). Measured over half the updates: gap 0.894,
+  88x the floor, KL 4.69 (default 0.874, 21.8x, KL 7.55; optimum KL 3.2): less overshoot, mode masses worse.
+- importance-weighted target (`importance_mix`, rlft.control.lean_adjoint.importance_log_weights): its minimiser is
+  delta* for ANY sampling control (pinned from a wrong control on the linear chain, 3e-5 off the optimum), but at
+  alpha = 0.1 the weights e^{r/alpha} prod p_pre/p_u collapse onto a few paths: beta = 1 evaluates to gap -0.33 at
+  200 updates (-0.65 at 50). Neither is the default.
+
 Options: `AdjointMatchingOptions`; machinery (windows, seeds, schedule, clipping, checkpoints): the base
 `rlft.control.rollout.DifferentiableLearner`. Reward gradients count as reward queries (B per update).
 """
@@ -61,6 +74,7 @@ Options: `AdjointMatchingOptions`; machinery (windows, seeds, schedule, clipping
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -68,10 +82,11 @@ import torch
 from rlft.config import ConfigError
 from rlft.control.networks import NetworkControl, score_coefficient
 from rlft.control.options import TRAIN_OBJECTIVE, DifferentiableOptions
+from rlft.control.lean_adjoint import (  # noqa: F401 (the math, re-exported: am.lean_adjoint etc.)
+    FrontControl, chain_memory, importance_log_weights, lean_adjoint, lean_adjoint_step, regression_loss, regression_terms,
+    reward_gradient, self_normalised)
 from rlft.control.rollout import DifferentiableLearner
 from rlft.models.base import DiffusionModel
-from rlft.rewards.base import evaluate
-from rlft.sampling import rollout
 
 FORMAT = "rlft-adjoint-matching"
 FORMAT_VERSION = 1
@@ -82,8 +97,6 @@ DEFAULT_LR, DEFAULT_DRIFT_ITERATIONS, DEFAULT_MAX_GRAD_NORM = 3e-3, 1600, 0.0
 LOSS_ROWS = 16384
 #: the largest memory mu a chain may have without a learned initial law (AdjointMatchingOptions.max_memory)
 MATCHING_MAX_MEMORY = 0.01
-#: trajectories and prior samples of the memorylessness check
-MEMORY_PROBES, MEMORY_PRIOR_SAMPLES = 16, 4096
 
 LOSS_WEIGHTINGS = ("path_kl", "uniform")
 #: weight of each batch in the running quantile of `loss_clip_quantile`
@@ -93,6 +106,8 @@ REGRESSION_LOSS = "regression_loss"
 TRAIN_REWARD = "train_reward"
 TRAIN_KL = "train_kl"
 ADJOINT_NORM = "adjoint_norm"
+#: mean and smallest (over steps) effective sample size of the importance weights, as a fraction of the batch
+IMPORTANCE_ESS, IMPORTANCE_ESS_MIN = "importance_ess", "importance_ess_min"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +135,14 @@ class AdjointMatchingOptions(DifferentiableOptions):
     loss_clip_quantile: float | None = None
     """Clip each (trajectory, step) regression term at a running estimate of this quantile of that step's terms
     (e.g. 0.99; clipped terms give no gradient); None = no clipping."""
+    backward_sweep: float = 0.0
+    """Fraction of drift_iterations over which a front sweeps from the last step back to step 0 (module docstring,
+    "Backward sweep"): steps before the front run uncontrolled in the training rollout and are left out of the
+    regression; 0 = off (every step from the first update)."""
+    importance_mix: float = 0.0
+    """Weight beta of the importance-weighted target (rlft.control.lean_adjoint.importance_log_weights): each
+    (trajectory, step) term is weighted (1 - beta) + beta w_k, w_k self-normalised over the batch, so beta = 1
+    regresses on delta* for any sampling control; 0 = the plain fixed-point target."""
     max_memory: float = MATCHING_MAX_MEMORY
     """Refuse chains whose memory mu (share of x_K's linearised variance due to x_0, module docstring) exceeds this;
     1 turns the check off."""
@@ -130,80 +153,17 @@ class AdjointMatchingOptions(DifferentiableOptions):
             raise ConfigError(f"learner.loss_weighting must be one of {list(LOSS_WEIGHTINGS)} (got {self.loss_weighting!r})")
         if self.loss_clip_quantile is not None and not 0.0 < self.loss_clip_quantile < 1.0:
             raise ConfigError(f"learner.loss_clip_quantile must be in (0, 1) (got {self.loss_clip_quantile}); e.g. 0.99, or null for none")
+        if not 0.0 <= self.importance_mix <= 1.0:
+            raise ConfigError(f"learner.importance_mix must be in [0, 1] (got {self.importance_mix}); e.g. 0.5, or 0 for off")
+        if not 0.0 <= self.backward_sweep <= 1.0:
+            raise ConfigError(f"learner.backward_sweep must be in [0, 1] (got {self.backward_sweep}); e.g. 0.5, or 0 for off")
         if not 0.0 <= self.max_memory <= 1.0:
             raise ConfigError(f"learner.max_memory must be in [0, 1] (got {self.max_memory}); e.g. 0.01, or 1 to skip the check")
 
 
 #: the regression options a host without them (ELEGANT) runs with
 MATCHING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdjointMatchingOptions)
-                     if f.name in ("step_subset", "loss_weighting", "loss_clip_quantile")}
-
-
-# -- the math (pure torch) -------------------------------------------------------------------------------------
-
-
-def reward_gradient(reward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r(x) (B,), grad_x r(x) (B, *event)), both detached."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        r = evaluate(reward, x)
-        (grad,) = torch.autograd.grad(r.sum(), x)
-    return r.detach(), grad.detach()
-
-
-def lean_adjoint_step(model: DiffusionModel, k: int, x: torch.Tensor, a_next: torch.Tensor,
-                      cond: torch.Tensor | None = None) -> torch.Tensor:
-    """a_k = (d m_k / d x)(x_k)^T a_{k+1}: one vector-Jacobian product through the PRETRAINED mean of step k.
-
-    x: x_k (B, *event), detached; a_next: a_{k+1} (B, *event) -> a_k (B, *event), detached."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        (a,) = torch.autograd.grad(model.mean(k, x, cond), x, a_next)
-    return a.detach()
-
-
-def lean_adjoint(model: DiffusionModel, path: torch.Tensor, a_final: torch.Tensor,
-                 cond: torch.Tensor | None = None) -> torch.Tensor:
-    """All of a_0 .. a_K from a_K (the sweep of step 2, kept whole: for tests and small chains).
-
-    path: x_0 .. x_K (B, K+1, *event); a_final: a_K (B, *event) -> (B, K+1, *event)."""
-    a = [a_final]
-    for k in reversed(range(path.shape[1] - 1)):
-        a.append(lean_adjoint_step(model, k, path[:, k], a[-1], cond))
-    return torch.stack(a[::-1], dim=1)  # (B, K+1, *event)
-
-
-def regression_terms(delta: torch.Tensor, a_next: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """|delta_k - s_k^2 a_{k+1}|^2 / s_k^2 per trajectory and step: delta, a_next (B, n, *event), std (n,) -> (B, n)."""
-    var = std.to(delta.dtype).pow(2).reshape(1, -1, *([1] * (delta.dim() - 2)))  # (1, n, 1, ...)
-    return ((delta - var * a_next).pow(2) / var).flatten(2).sum(2)
-
-
-def regression_loss(delta: torch.Tensor, a_next: torch.Tensor, std: torch.Tensor,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-trajectory sum_k w_k |delta_k - s_k^2 a_{k+1}|^2 / s_k^2 over the given steps (w = 1 by default).
-
-    delta, a_next: (B, n, *event) for n steps; std, weight: (n,) -> (B,)."""
-    per_step = regression_terms(delta, a_next, std)  # (B, n)
-    if weight is not None:
-        per_step = per_step * weight.to(per_step.dtype)
-    return per_step.sum(1)
-
-
-@torch.no_grad()
-def chain_memory(model: DiffusionModel, generator: torch.Generator, n: int = MEMORY_PROBES) -> float:
-    """mu: the share of the pretrained chain's linearised variance of v.x_K that comes from x_0 (module docstring).
-
-    n pretrained trajectories, one random direction v ~ N(0, I) each, the lean adjoint from a_K = v."""
-    var0 = model.prior_sample(MEMORY_PRIOR_SAMPLES, generator).flatten(1).var(0)  # (D,)
-    path = rollout(model, model.prior_sample(n, generator), generator=generator, keep_path=True).path  # (n, K+1, *event)
-    a = torch.randn(path[:, -1].shape, generator=generator, device=path.device, dtype=path.dtype)
-    noise = path.new_zeros(n)
-    for k in reversed(range(model.num_steps)):
-        noise += model.std(k) ** 2 * a.flatten(1).pow(2).sum(1)  # s_k^2 |Phi_{k+1}^T v|^2
-        a = lean_adjoint_step(model, k, path[:, k], a)
-    prior = (var0 * a.flatten(1).pow(2)).sum(1)
-    return float(prior.sum() / (prior.sum() + noise.sum()))
+                     if f.name in ("step_subset", "loss_weighting", "loss_clip_quantile", "backward_sweep", "importance_mix")}
 
 
 # -- the drift solver (shared by this learner and ELEGANT's drift_solver: adjoint_matching) ---------------------
@@ -234,6 +194,15 @@ class AdjointMatchingDrift:
             return max(1, LOSS_ROWS // self.options.batch_size)
         return 1
 
+    def sweep_front(self) -> int:
+        """The first step the next update controls and regresses (`backward_sweep`): K - 1 at update 0, moving back
+        linearly to 0 at update backward_sweep * drift_iterations; 0 when the sweep is off or over."""
+        K, frac = self.model.num_steps, self._matching_option("backward_sweep")
+        if frac <= 0.0:
+            return 0
+        done = (self.drift_updates + 1) / (frac * self.options.drift_iterations)
+        return max(0, min(K - 1, math.ceil(K * (1.0 - done))))
+
     def regression_steps(self) -> dict[int, float]:
         """{step k: weight} of this update's loss: every step with weight 1, or with `step_subset` the last quarter
         plus each other step with probability 1/3 (a quarter of all steps), weighted 3; times s_k^2 / c_k^2 with
@@ -246,6 +215,8 @@ class AdjointMatchingDrift:
             p = (K // 4) / last
             draws = torch.rand(last, generator=self._rng).tolist()
             weights = {**{k: 1.0 / p for k in range(last) if draws[k] < p}, **{k: 1.0 for k in range(last, K)}}
+        front = self.sweep_front()
+        weights = {k: w for k, w in weights.items() if k >= front}
         if self._matching_option("loss_weighting") == "uniform":
             weights = {k: w * self.model.std(k) ** 2 / score_coefficient(self.model, k) ** 2 for k, w in weights.items()}
         return weights
@@ -290,11 +261,22 @@ class AdjointMatchingDrift:
         gen = self.device_generator()
         x0 = self.initial_states(B, gen)
         seeds = self.window_seeds(len(self.windows()))
-        with torch.no_grad():  # 1. trajectories under the current control, detached states
-            x_final, kl, path = self.drift_rollout(x0, seeds, keep_path=True)  # path: (B, K+1, *event)
+        control, front = self._control, self.sweep_front()
+        if front > 0:  # the backward sweep: steps before the front run uncontrolled
+            self._control = FrontControl(control, front)
+        try:
+            with torch.no_grad():  # 1. trajectories under the current control, detached states
+                x_final, kl, path = self.drift_rollout(x0, seeds, keep_path=True)  # path: (B, K+1, *event)
+        finally:
+            sampler, self._control = self._control, control
         r, grad_r = reward_gradient(reward, x_final)  # 2. a_K = grad r(x_K) / alpha
         self.reward_queries += B
         a = grad_r / alpha
+        mix, extra = self._matching_option("importance_mix"), {}
+        if mix > 0.0:  # per (trajectory, step): (1 - beta) + beta w_k
+            w, ess = self_normalised(importance_log_weights(model, sampler, path, r, alpha))  # (B, K), (K,)
+            w = (1.0 - mix) + mix * w
+            extra = {IMPORTANCE_ESS: float(ess.mean()), IMPORTANCE_ESS_MIN: float(ess.min())}
         weights = self.regression_steps()
         chunk = self.chunk_steps()
         params = self._drift_params
@@ -305,12 +287,14 @@ class AdjointMatchingDrift:
             nonlocal total
             steps = [k for k, _ in queue][::-1]  # ascending
             a_next = torch.stack([t for _, t in queue][::-1], dim=1)  # (B, n, *event)
-            w = torch.tensor([weights[k] for k in steps], dtype=path.dtype, device=path.device)  # (n,)
+            step_w = torch.tensor([weights[k] for k in steps], dtype=path.dtype, device=path.device)  # (n,)
             std = torch.tensor([model.std(k) for k in steps], dtype=path.dtype, device=path.device)  # (n,)
             terms = regression_terms(self._deltas(steps, path[:, steps]), a_next, std)  # (B, n)
             if clip is not None:
                 terms = torch.minimum(terms, self._clip_thresholds(steps, terms.detach()))
-            loss = (terms * w).sum(1).mean()
+            if mix > 0.0:
+                terms = terms * w[:, steps]
+            loss = (terms * step_w).sum(1).mean()
             for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                 if d is not None:
                     g += d
@@ -328,7 +312,7 @@ class AdjointMatchingDrift:
         metrics = {
             REGRESSION_LOSS: total, TRAIN_REWARD: float(r.mean()), TRAIN_KL: float(kl.mean()),
             TRAIN_OBJECTIVE: float(r.mean() - alpha * kl.mean()),
-            ADJOINT_NORM: float(grad_r.flatten(1).norm(dim=1).mean() / alpha),
+            ADJOINT_NORM: float(grad_r.flatten(1).norm(dim=1).mean() / alpha), **extra,
         }
         return surrogate, metrics
 

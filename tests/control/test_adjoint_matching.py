@@ -5,6 +5,8 @@
 - one update's gradient, accumulated chunk by chunk in the backward sweep, is autograd of L(theta) written out;
 - on a 1-D linear-Gaussian chain the regression's fixed point delta_k = s_k^2 E[a_{k+1} | x_k] is the chain's
   drift-only optimum (backward Riccati recursion) to 1e-3 in J, and regressing on a_k instead misses it;
+- the backward sweep (steps before a front uncontrolled, damped refits from the last step back) reaches the same
+  optimum in one sweep; the importance-weighted target's minimiser is the optimum from a deliberately wrong control;
 - the learner closes most of the gap on a small mixture task in a few updates and resumes exactly;
 - a chain that remembers x_0, and a reward without gradients, are refused.
 """
@@ -60,12 +62,21 @@ def make(data: dict | None = None, **learner):
     return build_learner(task, model, build_reward(task.reward, model=model))
 
 
-@pytest.mark.parametrize("step_subset,clip,weighting", [(False, None, "path_kl"), (True, None, "path_kl"), (False, 0.8, "path_kl"),
-                                                       (True, None, "uniform")])
-def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, step_subset, clip, weighting):
+@pytest.mark.parametrize("step_subset,clip,weighting,sweep,mix", [
+    (False, None, "path_kl", 0.0, 0.0), (True, None, "path_kl", 0.0, 0.0), (False, 0.8, "path_kl", 0.0, 0.0),
+    (True, None, "uniform", 0.0, 0.0), (False, None, "path_kl", 0.5, 0.0), (True, None, "path_kl", 0.5, 0.7)])
+def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, step_subset, clip, weighting, sweep, mix):
     monkeypatch.setattr(am, "LOSS_ROWS", 3 * 32)  # chunks of 3 steps at batch 32: 3 + 3 + 3 + 1 for K = 10
-    lrn = make(batch_size=32, hidden=16, depth=2, step_subset=step_subset, loss_clip_quantile=clip, loss_weighting=weighting)
+    lrn = make(batch_size=32, hidden=16, depth=2, step_subset=step_subset, loss_clip_quantile=clip, loss_weighting=weighting,
+               backward_sweep=sweep, drift_iterations=4, importance_mix=mix)
     assert lrn.chunk_steps() == 3
+    front = lrn.sweep_front()
+    if sweep:  # update 0 of a sweep over 0.5 * 4 updates: the front starts at ceil(10 (1 - 1/2)) = 5
+        lrn.drift_updates = 0
+        assert front == 5
+        lrn.drift_updates = 1
+        assert lrn.sweep_front() == 0  # over after 2 updates
+        lrn.drift_updates = 0
     with torch.no_grad():
         for p in lrn.drift_net.parameters():
             p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
@@ -78,12 +89,21 @@ def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, ste
     gen = lrn.device_generator()
     x0 = lrn.initial_states(32, gen)
     seeds = lrn.window_seeds(len(lrn.windows()))
+    net_control = lrn.control()
     with torch.no_grad():
-        x_final, _, path = lrn.drift_rollout(x0, seeds, keep_path=True)
-    _, grad_r = am.reward_gradient(lrn.reward, x_final)
+        if front:  # steps before the front run uncontrolled
+            lrn._control = am.FrontControl(net_control, front)
+        x_final, kl, path = lrn.drift_rollout(x0, seeds, keep_path=True)
+        sampler, lrn._control = lrn._control, net_control
+    r, grad_r = am.reward_gradient(lrn.reward, x_final)
     a = am.lean_adjoint(lrn.model, path, grad_r / lrn.task.alpha)  # (B, K+1, 2)
     weights = lrn.regression_steps()
-    assert (len(weights) < 10) == step_subset and all(k in weights for k in range(8, 10))
+    assert (len(weights) < 10) == (step_subset or bool(front)) and all(k in weights for k in range(8, 10))
+    assert min(weights) >= front
+    if front:  # the path KL counts the controlled steps only
+        kl_front = sum(net_control(k, path[:, k]).pow(2).sum(-1) / (2 * lrn.model.std(k) ** 2) for k in range(front, 10))
+        torch.testing.assert_close(kl, kl_front, rtol=1e-9, atol=1e-12)
+        assert metrics[am.TRAIN_KL] == pytest.approx(float(kl.mean()), rel=1e-10)
     if weighting == "uniform":  # |delta - s^2 a|^2 / s^2 = (c^2 / s^2) |g - s^2 a / c|^2 for delta = c g
         c = lrn.control().scales
         assert weights[9] == pytest.approx(lrn.model.std(9) ** 2 / c[9] ** 2, rel=1e-12)
@@ -92,6 +112,10 @@ def test_the_swept_gradient_is_autograd_of_the_written_out_loss(monkeypatch, ste
     if clip is not None:  # the first update's running quantile is the batch's
         terms = {k: torch.clamp(t, max=float(torch.quantile(t.detach(), clip))) for k, t in terms.items()}
         assert sorted(lrn.clip_thresholds) == sorted(weights)
+    if mix:  # (1 - beta) + beta w_k, w_k from the log-ratios of the control that sampled the paths
+        w, ess = am.self_normalised(am.importance_log_weights(lrn.model, sampler, path, r, lrn.task.alpha))
+        terms = {k: t * ((1 - mix) + mix * w[:, k]) for k, t in terms.items()}
+        assert metrics[am.IMPORTANCE_ESS_MIN] == pytest.approx(float(ess.min()))
     loss = sum(w * terms[k] for k, w in weights.items()).mean()
     assert metrics[am.REGRESSION_LOSS] == pytest.approx(float(loss.detach()), rel=1e-10)
     for got, want in zip(swept, torch.autograd.grad(loss, params)):
@@ -175,6 +199,90 @@ def test_the_fixed_point_is_the_drift_only_optimum_on_a_linear_gaussian_chain(ga
     assert fixed == pytest.approx(best, abs=1e-3)
     wrong = objective_of(*adjoint_matching_fixed_point(model, A, E, S, lam, c, alpha, shift=0), A, E, S, lam, c, alpha)
     assert best - wrong > 1e-2  # a_k instead of a_{k+1}: a different, worse fixed point
+
+
+def backward_sweep_fit(model, A, E, S, lam, c, alpha, shift: int, inner: int, n=10000, step=0.6):
+    """The backward sweep on the linear chain: for k = K-1 .. 0, paths with steps < k uncontrolled (FrontControl) and
+    steps > k at their already fitted laws; `inner` damped refits of step k alone (params += step (fit - params)):
+    step k's own target moves with delta_k (x_{k+1} contains it), by -s_k^2 P / alpha times its change (P: the
+    curvature of V_{k+1}), so undamped refits diverge once s_k^2 P / alpha > 1."""
+    K = len(A)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, K, 1, generator=g, dtype=torch.float64)
+    reward = quadratic([c], lam)
+    params = torch.zeros(2, K, dtype=torch.float64)
+    for k in reversed(range(K)):
+        for _ in range(inner):
+            control = am.FrontControl(lambda j, x, _c: params[0, j] * x + params[1, j], k)
+            path = rollout(model, x0, control, noise=noise, keep_path=True).path
+            _, grad_r = am.reward_gradient(reward, path[:, -1])
+            a = am.lean_adjoint(model, path, grad_r / alpha)  # (n, K+1, 1)
+            x, y = path[:, k, 0], S[k] ** 2 * a[:, k + shift, 0]  # least squares of y on (x, 1): the exact minimiser
+            design = torch.stack([x, torch.ones_like(x)], dim=1)
+            fit = torch.linalg.lstsq(design, y.unsqueeze(1)).solution[:, 0]
+            params[:, k] += step * (fit - params[:, k])
+    return params[0].tolist(), params[1].tolist()
+
+
+def test_one_backward_sweep_reaches_the_drift_only_optimum(gaussian_chain_factory):
+    """G is triangular up to each step's own (diagonal) term: fitting the last step first, each step against the laws
+    already fitted after it on states of the UNCONTROLLED chain before it, reaches the optimum in one sweep, whatever
+    the marginal the earlier (still uncontrolled) steps give x_k; the simultaneous iteration after the same number of
+    regressions of step 0 (4 rounds, undamped) is still off."""
+    model, A, E, S = linear_chain(gaussian_chain_factory)
+    lam, c, alpha = 2.0, 1.5, 0.5
+    best = objective_of(*drift_only_optimum(A, E, S, lam, c, alpha), A, E, S, lam, c, alpha)
+    swept = objective_of(*backward_sweep_fit(model, A, E, S, lam, c, alpha, shift=1, inner=4), A, E, S, lam, c, alpha)
+    assert swept == pytest.approx(best, abs=1e-3)  # measured: 5e-5 off
+    simultaneous = objective_of(*adjoint_matching_fixed_point(model, A, E, S, lam, c, alpha, shift=1, rounds=4),
+                                A, E, S, lam, c, alpha)
+    assert best - simultaneous > 1e-2, (best, simultaneous)  # measured: 0.024 short
+    wrong = objective_of(*backward_sweep_fit(model, A, E, S, lam, c, alpha, shift=0, inner=4), A, E, S, lam, c, alpha)
+    assert best - wrong > 1e-2  # a_k instead of a_{k+1}
+
+
+def importance_weighted_fit(model, A, E, S, lam, c, alpha, theta_u, b_u, sign=1.0, weighted=True, n=40000):
+    """One weighted least-squares fit per step of s_k^2 a_{k+1} on (x_k, 1), weights w_k = importance_log_weights,
+    on paths sampled under the fixed (wrong) control delta_k = theta_u x + b_u."""
+    K = len(A)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, K, 1, generator=g, dtype=torch.float64)
+    reward = quadratic([c], lam)
+
+    def control(k, x, _c=None):
+        return theta_u * x + b_u
+
+    path = rollout(model, x0, control, noise=noise, keep_path=True).path
+    r, grad_r = am.reward_gradient(reward, path[:, -1])
+    a = am.lean_adjoint(model, path, grad_r / alpha)
+    log_w = am.importance_log_weights(model, lambda k, x, cnd: sign * control(k, x), path, r, alpha)  # (n, K)
+    w, ess = am.self_normalised(log_w if weighted else torch.zeros_like(log_w))
+    theta, b = [], []
+    for k in range(K):
+        x, y, sw = path[:, k, 0], S[k] ** 2 * a[:, k + 1, 0], w[:, k].sqrt()
+        design = torch.stack([x, torch.ones_like(x)], dim=1) * sw.unsqueeze(1)
+        fit = torch.linalg.lstsq(design, (y * sw).unsqueeze(1)).solution[:, 0]
+        theta.append(float(fit[0]))
+        b.append(float(fit[1]))
+    return theta, b, ess
+
+
+def test_the_importance_weighted_target_is_the_optimum_from_a_wrong_control(gaussian_chain_factory):
+    """The weighted regression's minimiser is delta* whatever control sampled the paths (E_u[w_k f | x_k] is
+    e^{V_k / alpha} E_{u*}[f | x_k]): from a deliberately wrong control, one fit per step reaches the optimum, while the
+    plain target from the same paths (one step of the fixed-point iteration) and a flipped log-ratio sign do not."""
+    model, A, E, S = linear_chain(gaussian_chain_factory)
+    lam, c, alpha = 2.0, 1.5, 0.5
+    best = objective_of(*drift_only_optimum(A, E, S, lam, c, alpha), A, E, S, lam, c, alpha)
+    theta, b, ess = importance_weighted_fit(model, A, E, S, lam, c, alpha, theta_u=-0.3, b_u=0.4)
+    assert objective_of(theta, b, A, E, S, lam, c, alpha) == pytest.approx(best, abs=1e-3)  # measured: 3e-5 off
+    assert float(ess.min()) > 0.01  # the weights are usable at this alpha
+    plain = objective_of(*importance_weighted_fit(model, A, E, S, lam, c, alpha, -0.3, 0.4, weighted=False)[:2], A, E, S, lam, c, alpha)
+    assert best - plain > 1e-2
+    flipped = objective_of(*importance_weighted_fit(model, A, E, S, lam, c, alpha, -0.3, 0.4, sign=-1.0)[:2], A, E, S, lam, c, alpha)
+    assert best - flipped > 1e-2
 
 
 # -- the learner -------------------------------------------------------------------------------------------------
