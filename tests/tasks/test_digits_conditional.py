@@ -135,3 +135,21 @@ def test_lora_checkpoint_of_a_conditional_task_round_trips_through_rlft_load(con
     a = tuned.sample(8, seed=11, cond=onehot([2])[0])
     b = tuned.sample(8, seed=11, cond=onehot([7])[0])
     assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_bench_digits_section_measures_every_class_and_draws_one_png(cond_model_dir, tmp_path):
+    """`rlft bench conditional --sections digits --quick` on the tiny model: a row per class (training and held-out),
+    accuracies in [0, 1], zero KL before, the picture and the JSON written."""
+    import argparse
+    import json
+
+    from rlft.benchmarks.conditional_digits import TASK_FILE, run_section
+
+    args = argparse.Namespace(digits_task=str(TASK_FILE), digits_model=cond_model_dir, digits_train_steps=1,
+                              digits_iterations=None, digits_samples=4, digits_png=None, out=str(tmp_path), seed=0,
+                              quick=True, json=False)
+    out = run_section(args)
+    assert [(r["class"], r["split"]) for r in out["rows"]] == [(c, "train") for c in range(8)] + [(8, "held-out"), (9, "held-out")]
+    assert all(0.0 <= r["accuracy_before"] <= 1.0 and r["kl_before"] == 0.0 and r["kl_after"] > 0.0 for r in out["rows"])
+    assert (tmp_path / "conditional_digits.png").stat().st_size > 0
+    assert json.loads((tmp_path / "digits_results.json").read_text())["iterations"] == 2
