@@ -30,7 +30,8 @@ SCORENET_ROWS = 6000
 
 
 def register_arguments(p) -> None:
-    p.add_argument("--scorenet-steps", type=int, default=300, help="pretraining steps of the score net (default 300)")
+    p.add_argument("--scorenet-steps", type=int, nargs="+", default=[100, 300],
+                   help="pretraining steps of the score net, one row each (default 100 300)")
     p.add_argument("--scorenet-updates", type=int, default=1500, help="discriminator updates, scorenet (default 1500)")
     p.add_argument("--digits-steps", type=int, default=150, help="training steps of the digits UNet (default 150)")
     p.add_argument("--digits-updates", type=int, default=400, help="discriminator updates, digits (default 400)")
@@ -78,29 +79,55 @@ def refine(model, learner: dict[str, Any], updates: int, seed: int, num_samples:
 
 
 def scorenet_section(args) -> dict[str, Any]:
-    from rlft.models.pretrain import train_scorenet
-    from rlft.models.scorenet import load_scorenet, save_scorenet
-
+    """One row per `--scorenet-steps` value: {"rows": [...]}."""
     os.makedirs(args.out, exist_ok=True)
     data = scorenet_data(SCORENET_ROWS, args.seed)
     path = os.path.join(args.out, "scorenet_data.npy")
     np.save(path, data)
+    return {"rows": [scorenet_row(steps, path, args) for steps in args.scorenet_steps]}
+
+
+def scorenet_row(steps: int, path: str, args) -> dict[str, Any]:
+    from rlft.models.pretrain import train_scorenet
+    from rlft.models.scorenet import load_scorenet, save_scorenet
+
     n_train = SCORENET_ROWS - int(round(0.2 * SCORENET_ROWS))  # the learner's default holdout: the last fifth
     start = time.process_time()
-    net = train_scorenet(data[:n_train], steps=args.scorenet_steps, hidden=64, seed=args.seed, num_threads=args.threads,
+    net = train_scorenet(np.load(path)[:n_train], steps=steps, hidden=64, seed=args.seed, num_threads=args.threads,
                          progress=False, device="cpu")
     pretrain_s = time.process_time() - start
-    directory = save_scorenet(net, os.path.join(args.out, "scorenet"))
+    directory = save_scorenet(net, os.path.join(args.out, f"scorenet_{steps}"))
     model = load_scorenet(directory, num_steps=args.num_steps)
-    log(f"scorenet: pretrained {args.scorenet_steps} steps in {pretrain_s:.0f} CPU s (DSM loss {net.summary.final_loss:.3f})")
-    figures, _, train_s = refine(model, {"data": {"path": path}}, args.scorenet_updates, args.seed, n_train)
-    out = {"pretrain_steps": args.scorenet_steps, "pretrain_s": pretrain_s, "updates": args.scorenet_updates,
+    log(f"scorenet: pretrained {steps} steps in {pretrain_s:.0f} CPU s (DSM loss {net.summary.final_loss:.3f})")
+    figures, lrn, train_s = refine(model, {"data": {"path": path}}, args.scorenet_updates, args.seed, n_train)
+    out = {"pretrain_steps": steps, "pretrain_s": pretrain_s, "updates": args.scorenet_updates,
            "train_s": train_s, "energy_distance": figures["energy_distance"],
            "energy_distance_floor": figures["energy_distance_floor"], "num_samples": figures["num_samples"],
-           "pretrained_energy_distance": figures["pretrained"]["energy_distance"]}
-    log(f"scorenet: ED {out['pretrained_energy_distance']:.4f} -> {out['energy_distance']:.4f} "
-        f"(floor {out['energy_distance_floor']:.4f}, {train_s:.0f} CPU s)")
+           "pretrained_energy_distance": figures["pretrained"]["energy_distance"],
+           "fresh": fresh_energy_distances(model, lrn.control(), args.eval_samples, args.seed)}
+    f = out["fresh"]
+    log(f"scorenet: ED to the {out['num_samples']} held-out rows {out['pretrained_energy_distance']:.4f} -> "
+        f"{out['energy_distance']:.4f} (floor {out['energy_distance_floor']:.4f}); to {f['num_samples']} fresh draws "
+        f"{f['pretrained']:.4f} -> {f['refined']:.4f} (floor {f['floor']:.4f}); {train_s:.0f} CPU s")
     return out
+
+
+def fresh_energy_distances(model, control, n: int, seed: int) -> dict[str, float]:
+    """Energy distance of n refined and n pretrained samples to n fresh draws of the data law (a larger held-out set
+    than the array's last fifth), and the floor: the mean over 4 other fresh draws (blocks as `rlft.evaluation`)."""
+    import torch
+
+    from rlft.evaluation import ENERGY_BLOCKS
+    from rlft.metrics import energy_distance
+    from rlft.sampling import sample
+
+    block = max(64, n // ENERGY_BLOCKS)
+    draws = [torch.as_tensor(scorenet_data(n, seed + 100 + i), dtype=torch.float64) for i in range(5)]
+    ref = draws[0]
+    refined = sample(model, n, control=control, seed=seed + 7, progress=False).x.double()
+    plain = sample(model, n, seed=seed + 8, progress=False).x.double()
+    return {"num_samples": n, "refined": energy_distance(refined, ref, block), "pretrained": energy_distance(plain, ref, block),
+            "floor": sum(energy_distance(d, ref, block) for d in draws[1:]) / 4}
 
 
 # -- the digits section -----------------------------------------------------------------------------------------
@@ -224,10 +251,12 @@ def digits_grid(plain, refined, real, out: str, n: int = 64) -> str:
 
 def table(sections: dict[str, Any]) -> str:
     lines = []
-    if "scorenet" in sections:
-        s = sections["scorenet"]
+    for s in sections.get("scorenet", {}).get("rows", []):
+        f = s["fresh"]
         lines.append(f"scorenet ({s['pretrain_steps']} pretraining steps, {s['updates']} updates): energy distance "
-                     f"{s['pretrained_energy_distance']:.4f} -> {s['energy_distance']:.4f}, floor {s['energy_distance_floor']:.4f}")
+                     f"{s['pretrained_energy_distance']:.4f} -> {s['energy_distance']:.4f}, floor {s['energy_distance_floor']:.4f} "
+                     f"({s['num_samples']} held-out rows); {f['pretrained']:.4f} -> {f['refined']:.4f}, floor {f['floor']:.4f} "
+                     f"({f['num_samples']} fresh draws)")
     if "digits" in sections:
         d = sections["digits"]
         lines.append(f"digits ({d['unet_steps']} UNet steps, {d['updates']} {d['objective']} updates): {'':>8}"

@@ -145,14 +145,15 @@ def test_digit_features_are_the_classifiers_penultimate_layer_and_label_figures_
 
 
 def test_the_gamma_scorenet_and_digits_sections_run_tiny(tmp_path, capsys):
-    args = _args(tmp_path, sizes=[40], sections=["gamma", "scorenet", "digits"], scorenet_steps=5,
+    args = _args(tmp_path, sizes=[40], sections=["gamma", "scorenet", "digits"], scorenet_steps=[5],
                  scorenet_updates=2, digits_steps=2, digits_updates=2, digits_objective="mse_ce", digits_num_steps=4,
                  digits_samples=16, digits_model_samples=32)
     assert dg.run(args) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert result["cells"] == [] and [c["gamma"] for c in result["gamma_cells"]] == [0.1, 10.0]
-    s, d = result["sections"]["scorenet"], result["sections"]["digits"]
+    (s,), d = result["sections"]["scorenet"]["rows"], result["sections"]["digits"]
     assert s["energy_distance_floor"] > 0 and s["pretrained_energy_distance"] > s["energy_distance_floor"]
+    assert s["fresh"]["floor"] > 0 and s["fresh"]["pretrained"] > s["fresh"]["floor"]
     assert d["frechet_floor"] >= 0 and {"frechet", "label_tv", "not_a_digit"} <= set(d["refined"])
     assert (tmp_path / "out" / "dg_digits.png").stat().st_size > 0 and "Fréchet" in err and "scorenet" in err

@@ -268,12 +268,27 @@ def test_score_error_is_the_path_kl_from_the_data_chain_to_the_corrected_one():
     assert e_theta == pytest.approx(float(kl), rel=0.05)
 
 
+# the bench's pair (P: 4 modes, P~: one shifted, one missing) and an unseen one (P: 5 modes of unequal stds; P~: 4
+# modes, one shifted, one missing, every std wrong): on the unseen pair the defaults measured 0.429 -> 0.0069
+# (floor 0.0025, E_phi 0.090 vs E_theta 2.10) in 93 CPU s of training
+PAIRS = {
+    "bench": ({"weights": [0.4, 0.3, 0.2, 0.1], "means": [[2.0, 2.0], [-2.0, 2.0], [2.0, -2.0], [-2.0, -2.0]],
+               "stds": [0.4] * 4},
+              {"weights": [0.2, 0.5, 0.3], "means": [[2.0, 2.0], [-1.2, 2.0], [2.0, -2.0]], "stds": [0.4] * 3}),
+    "unseen": ({"weights": [0.35, 0.25, 0.15, 0.15, 0.10], "means": [[0.0, 2.5], [2.4, 0.8], [1.5, -2.0], [-1.5, -2.0],
+                [-2.4, 0.8]], "stds": [0.3, 0.5, 0.35, 0.45, 0.3]},
+               {"weights": [0.2, 0.3, 0.3, 0.2], "means": [[0.6, 2.0], [2.4, 0.8], [1.5, -2.0], [-1.5, -2.0]],
+                "stds": [0.5] * 4}),
+}
+
+
 @pytest.mark.slow
-def test_the_default_learner_refines_a_2d_wrong_mixture_to_a_tenth_of_its_distance():
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_the_default_learner_refines_a_2d_wrong_mixture_to_a_tenth_of_its_distance(pair):
     """The issue's measurement as a benchmark (about 2.5 min on one thread): `learner: {type: discriminator_guidance}`
     with only its data (5,000 samples of P) takes the energy distance to P below a tenth of the uncorrected model's."""
-    p4 = {"weights": [0.4, 0.3, 0.2, 0.1], "means": [[2.0, 2.0], [-2.0, 2.0], [2.0, -2.0], [-2.0, -2.0]], "stds": [0.4] * 4}
-    wrong = {"type": "gmm", "weights": [0.2, 0.5, 0.3], "means": [[2.0, 2.0], [-1.2, 2.0], [2.0, -2.0]], "stds": [0.4] * 3}
+    p4, wrong = PAIRS[pair]
+    wrong = {"type": "gmm", **wrong}
     task = task_from_dict({"model": wrong, "reward": {"type": "linear", "direction": [0.0, 0.0]}, "num_steps": 100,
                            "learner": {"type": "discriminator_guidance", "data": {"type": "gmm", **p4, "num_samples": 5000}}})
     model = GMMModel.create(wrong["weights"], wrong["means"], wrong["stds"], num_steps=100)
