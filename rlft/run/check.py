@@ -234,9 +234,10 @@ def check_resources(run: RunConfig, task: TaskConfig) -> None:
     workers = f" + {run.workers_per_trial} x run.cpus_per_worker (Ray Train workers)" if run.workers_per_trial > 1 else ""
     if need_cpu > cpus:
         key = "run.cpus_per_trial" if len(bundles) == 1 else f"run.cpus_per_trial + RLlib env runners/learners/reward actors{workers}"
+        fix = (f"lower run.cpus_per_worker or run.cpus_per_trial (the trial's process only drives the Train workers: "
+               f"0.25 is enough)" if workers else f"set run.cpus_per_trial <= {cpus}")
         raise ConfigError(f"{key}: one trial needs {need_cpu:g} CPUs but this machine has {cpus}; a local Ray would "
-                          f"wait for them forever: set run.cpus_per_trial <= {cpus} (fractions like 0.5 are allowed), "
-                          "or run on a cluster with --address")
+                          f"wait for them forever: {fix} (fractions like 0.5 are allowed), or run on a cluster with --address")
     if need_gpu > gpus:
         raise ConfigError(f"run.gpus_per_trial{workers.replace('cpus', 'gpus')}: one trial needs {need_gpu:g} GPUs but this machine has {gpus}; set "
                           "run.gpus_per_trial: 0 (and run.device: auto), or run on a GPU cluster with --address")

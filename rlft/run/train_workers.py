@@ -13,9 +13,10 @@ Failures. A worker that dies fails the collective of the others at once; Train's
 poll and restarts the worker group from its latest checkpoint (`FailureConfig(max_failures=run.max_failures)`),
 which is the latest checkpoint Tune holds: rows since it were never forwarded, so each iteration is recorded
 once. When Train's retries are spent `fit` raises, the trial fails, and Tune retries it (again under
-run.max_failures) from Tune's checkpoint, handed to the new TorchTrainer as `resume_from_checkpoint`
-(`rlft train --resume` takes the same path). Train's own copies of the checkpoints (at most two) live under the
-experiment's `.train/<trial id>` and are removed when the trial ends well.
+run.max_failures) from Tune's checkpoint, handed to the new TorchTrainer's workers in their config (`RESUME`;
+`rlft train --resume` takes the same path). Train's own copies of the checkpoints (at most two) live under the
+experiment's `.train/<trial id>`; they are removed when the trial ends well and before a retry starts (so a
+checkpoint Train registered but Tune never got is not resumed from: its rows were never reported).
 
 Resources. Tune reserves the trial's own bundle (`run.cpus_per_trial`; it only drives the Train run); Train
 reserves the N worker bundles in its own placement group when it starts. `RunConfig.resource_bundles` lists
@@ -36,6 +37,9 @@ from rlft.run_config import RunConfig
 
 #: the key of rank 0's rows in its `ray.train.report` metrics
 ROWS = "rlft_rows"
+#: the keys of each worker's config: the Tune trial's config, and Tune's checkpoint to resume from (Train V2 has no
+#: `resume_from_checkpoint`: a first run's `ray.train.get_checkpoint()` is None)
+TRIAL, RESUME = "trial", "resume"
 #: Train's controller poll interval (env var) and the value set when the user has not
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_S = "0.2"
@@ -60,12 +64,19 @@ def device() -> str:
     return str(ray.train.torch.get_device())
 
 
-def get_checkpoint():
-    """The checkpoint this Train run resumes from (Train's latest, else the Tune trial's), as a Tune checkpoint."""
+def trial_config(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """The Tune trial's config, from what `fit` hands each worker."""
+    return loop_config[TRIAL]
+
+
+def get_checkpoint(loop_config: dict[str, Any]):
+    """The checkpoint this worker resumes from, as a Tune checkpoint: Train's latest (after a worker failure),
+    else the Tune trial's (a Tune retry or `--resume`), else None."""
     import ray.train
     from ray import tune
 
     ckpt = ray.train.get_checkpoint()
+    ckpt = loop_config[RESUME] if ckpt is None else ckpt
     return None if ckpt is None else tune.Checkpoint(ckpt.path, filesystem=ckpt.filesystem)
 
 
@@ -106,9 +117,9 @@ def fit(config: dict[str, Any], run: RunConfig, worker_main: Callable[[dict[str,
     name = f"{ctx.get_experiment_name()}/.train/{ctx.get_trial_id()}"
     rows_q, acks = Queue(maxsize=1, actor_options={"num_cpus": 0}), Queue(maxsize=1, actor_options={"num_cpus": 0})
     gpus = run.gpus_per_worker
-    resume = tune.get_checkpoint()
+    _remove_train_copies(run, name)  # a failed attempt's: Tune's checkpoint, not one Tune never got, is the restart point
     trainer = TorchTrainer(
-        worker_main, train_loop_config=config,
+        worker_main, train_loop_config={TRIAL: config, RESUME: tune.get_checkpoint()},
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.workers_per_trial, use_gpu=gpus > 0,
@@ -117,7 +128,6 @@ def fit(config: dict[str, Any], run: RunConfig, worker_main: Callable[[dict[str,
             name=name, storage_path=run.storage_path, callbacks=[_forward_callback(rows_q, acks)],
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=None if resume is None else ray.train.Checkpoint(resume.path, filesystem=resume.filesystem),
     )
     errors: list[BaseException] = []
 

@@ -107,15 +107,16 @@ def trial_main(config: dict[str, Any]) -> None:
     train_loop(task, run, label, tune.get_checkpoint(), report, _trial_device(run))
 
 
-def worker_main(config: dict[str, Any]) -> None:
+def worker_main(loop_config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker` of a data-parallel trial: this rank's share of `train_loop`."""
     quiet_ray()
+    config = train_workers.trial_config(loop_config)
     task = trial_task(config)
     run = run_config_of(task)
     label = ", ".join(f"{k}={v}" for k, v in config.items() if k != TASK_KEY) or "trial"
     rank, world = train_workers.world()
     device = "cpu" if run.device == "cpu" else train_workers.device()  # Train's: cuda:<local rank> with gpus_per_worker
-    train_loop(task, run, label, train_workers.get_checkpoint() if rank == 0 else None, train_workers.report, device,
+    train_loop(task, run, label, train_workers.get_checkpoint(loop_config) if rank == 0 else None, train_workers.report, device,
                rank=rank, world=world)
 
 

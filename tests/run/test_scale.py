@@ -93,7 +93,8 @@ def test_rlft_check_counts_the_train_workers(monkeypatch):
 
     task, run, _ = experiment_from_dict({**_task(workers=2), "run": {**_task()["run"], "cpus_per_worker": 1.0}})
     monkeypatch.setattr(check, "local_cpus", lambda: 2)  # 0.5 (trial) + 2 x 1 (workers) = 2.5 > 2
-    with pytest.raises(ConfigError, match=r"2 x run.cpus_per_worker \(Ray Train workers\): one trial needs 2.5 CPUs but this machine has 2"):
+    with pytest.raises(ConfigError, match=r"2 x run.cpus_per_worker \(Ray Train workers\): one trial needs 2.5 CPUs but this machine has 2; "
+                                          r".*lower run.cpus_per_worker or run.cpus_per_trial"):
         check.check_resources(run, task)
     monkeypatch.setattr(check, "local_cpus", lambda: 3)
     check.check_resources(run, task)
@@ -206,45 +207,42 @@ from rlft.control.baselines import NoKLLearner, NoKLOptions  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class DyingOptions(NoKLOptions):
-    """NO KL's options and a one-time failure of data-parallel rank 1."""
+    """NO KL's options and `die_times` failures of data-parallel rank 1."""
 
     die_at: int = 0
-    """The iteration at which rank 1's process exits (once: `marker`)."""
+    """The iteration at which rank 1's process exits (`die_times` times in all: `marker` counts them)."""
+    die_times: int = 1
+    """How many times rank 1 dies at `die_at`."""
     marker: str = ""
-    """A file written when rank 1 dies, so the restarted trial's rank 1 lives."""
+    """A file that counts rank 1's deaths, so the restarted rank 1 lives once it has died `die_times` times."""
 
 
 class DyingLearner(NoKLLearner):
-    """NO KL, except that rank 1 of a data-parallel group exits at iteration `die_at` once (as on a lost node)."""
+    """NO KL, except that rank 1 of a data-parallel group exits at iteration `die_at` (as on a lost node)."""
 
     Options = DyingOptions
     name = "tests.run.test_scale:DyingLearner"
 
     def train_iteration(self):
         import os
-        from pathlib import Path
 
         import torch.distributed as dist
 
         o = self.options
-        if dist.is_initialized() and dist.get_rank() == 1 and self.iteration + 1 == o.die_at and not Path(o.marker).exists():
-            Path(o.marker).write_text("rank 1 died once")
+        deaths = len(Path(o.marker).read_text()) if Path(o.marker).exists() else 0
+        if dist.is_initialized() and dist.get_rank() == 1 and self.iteration + 1 == o.die_at and deaths < o.die_times:
+            Path(o.marker).write_text("x" * (deaths + 1))
             os._exit(1)
         return super().train_iteration()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(560)
-def test_killed_worker_restarts_the_trial_from_its_checkpoint(ray_session, tmp_path, capsys):
-    """Rank 1 (a Ray Train worker) dies at iteration 4 (checkpoint at 2): rank 0's collective fails, Train restarts
-    the worker group from the checkpoint at 2 under FailureConfig(max_failures = 1) inside the same Tune trial (which
-    never fails: no error file), and the history holds every iteration exactly once."""
+def _dying_run(tmp_path, capsys, die_times: int) -> tuple[dict, list[dict]]:
     import yaml
 
     from rlft import cli
 
     marker = tmp_path / "died"
-    data = _task(workers=2, type="tests.run.test_scale:DyingLearner", die_at=4, marker=str(marker))
+    data = _task(workers=2, type="tests.run.test_scale:DyingLearner", die_at=4, die_times=die_times, marker=str(marker))
     data["run"] = {**data["run"], "iterations": 5, "eval_every": 5, "eval_samples": 200, "checkpoint_every": 2,
                    "storage_path": str(tmp_path), "name": "dying", "loggers": ["csv"], "max_failures": 1}
     path = tmp_path / "dying.yaml"
@@ -253,10 +251,32 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(ray_session, tmp_p
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     out = json.loads(captured.out)
-    assert marker.is_file() and out["iteration"] == 5 and out["world_size"] == 2
+    assert marker.read_text() == "x" * die_times and out["iteration"] == 5 and out["world_size"] == 2
     rows = [json.loads(line) for line in open(out["history_path"])]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["reward_queries"] for r in rows] == [64 * i for i in range(1, 6)]  # the re-run 3, 4 counted once
+    progress = (Path(out["history_path"]).parent / "progress.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in progress[1:]] == [1, 2, 3, 4, 5]
+    return out, rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(560)
+def test_killed_worker_restarts_the_trial_from_its_checkpoint(ray_session, tmp_path, capsys):
+    """Rank 1 (a Ray Train worker) dies at iteration 4 (checkpoint at 2): rank 0's collective fails, Train restarts
+    the worker group from the checkpoint at 2 under FailureConfig(max_failures = 1) inside the same Tune trial (which
+    never fails: no error file), and progress.csv and the history hold every iteration exactly once."""
+    out, _ = _dying_run(tmp_path, capsys, die_times=1)
     trial = Path(out["history_path"]).parent
     assert not (trial / "error.txt").exists()  # Train's retry, not Tune's
     assert not (trial.parent / ".train").exists()  # Train's own copies of the checkpoints are removed at the end
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(560)
+def test_a_train_run_out_of_retries_resumes_from_tunes_checkpoint(ray_session, tmp_path, capsys):
+    """Rank 1 dies twice at iteration 4: Train's one retry is spent, the Train run and the Tune trial fail, Tune
+    retries the trial, and its new TorchTrainer resumes from Tune's checkpoint at 2 (`resume_from_checkpoint`, the
+    path `rlft train --resume` takes too); every iteration is still recorded exactly once."""
+    out, _ = _dying_run(tmp_path, capsys, die_times=2)
+    assert (Path(out["history_path"]).parent / "error.txt").exists()  # this time Tune's retry
