@@ -71,3 +71,23 @@ def test_tempered_gaussian_grid_is_the_closed_form(beta):
 def test_grid_refuses_non_positive_beta():
     with pytest.raises(ValueError, match="normalisable"):
         TemperedGrid(lambda x: -x.pow(2).sum(-1), [-1.0], [1.0], beta=0.0)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_knn_entropy_matches_the_gaussian_closed_form(dim):
+    """Kozachenko-Leonenko on 4000 draws of N(0, 0.25 I): within 0.06 of d/2 log(2 pi e 0.25) (measured 0.021 / 0.025
+    / 0.005 for d = 1 / 2 / 3 at k = 1; a flipped d log eps term is off by > 1)."""
+    from rlft.entropy import knn_entropy
+
+    x = 0.5 * torch.randn(4000, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(dim))
+    assert knn_entropy(x) == pytest.approx(gaussian_entropy(dim, 0.25), abs=0.06)
+    assert knn_entropy(x, k=3, block=700) == pytest.approx(gaussian_entropy(dim, 0.25), abs=0.06)
+
+
+def test_knn_entropy_of_a_mixture_matches_quadrature(mix2d):
+    """The 2-D, 3-component MIX2D: 4000 exact draws against its quadrature entropy, within 0.08."""
+    from rlft.entropy import knn_entropy
+
+    x = mix2d.sample(4000, torch.Generator().manual_seed(0))
+    grid = TemperedGrid(mix2d.log_prob, [-6.0, -6.0], [6.0, 6.0], 1.0, 400)
+    assert knn_entropy(x) == pytest.approx(grid.entropy(), abs=0.08)

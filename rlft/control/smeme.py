@@ -15,6 +15,13 @@ Notation: s^{j} the score of round j's model at the data level, read at the last
 level the chain and its control are defined at); R `rounds`; alpha_j from `alpha_schedule` (constant: alpha;
 increasing: alpha * j, the theory's sum 1/alpha_j = inf, sum 1/alpha_j^2 < inf, Thm 7.1; or a list).
 
+`previous_score` network (default) reads s^{j-1} from pi_{j-1}'s chain as above, the paper's choice: each round then
+damps the previous rounds' errors (p_j ∝ pi_{j-1}^{1 - 1/alpha_j}, pi_{j-1} the law actually reached). terminal uses
+the terminal condition of the previous rounds' optimal controls instead, s^i = s^{i-1} + grad f_i / alpha_i, exact
+for exact rounds and free of the level-(K-1) reading (the regression's least-weighted step), but it keeps pushing
+where an earlier round overshot. `warm_start` starts round j >= 2 from round j-1's network scaled by the ratio of
+the two rounds' exact data-level increments.
+
 Why a ControlledChain: a drift control on rlft's chain is a score correction (delta_k = c_k g_k), so round j's model
 is ControlledChain(pretrained, delta^{(1)} + .. + delta^{(j)}): its score is s_pre + sum_i g^{(i)}. Earlier rounds'
 networks are frozen; each round trains a new zero-initialised one (so a round starts at its reference exactly).
@@ -50,9 +57,10 @@ import torch
 import rlft.checkpoint as checkpoint
 import rlft.metrics as metrics
 from rlft.config import ConfigError
-from rlft.control.adjoint_matching import AdjointMatchingLearner, AdjointMatchingOptions
+from rlft.control.adjoint_matching import AdjointMatchingLearner
 from rlft.control.networks import NetworkControl, build_control_net
-from rlft.entropy import TemperedGrid, gaussian_entropy, ode_entropy
+from rlft.control.smeme_options import DEFAULT_LR, DEFAULT_ROUND_ITERATIONS, SMEMEOptions, round_exponents
+from rlft.entropy import TemperedGrid, gaussian_entropy, knn_entropy, ode_entropy
 from rlft.evaluation import ENERGY_DISTANCE, ENERGY_DISTANCE_FLOOR, KL, OBJECTIVE, PRETRAINED
 from rlft.models.base import ControlledChain, DiffusionModel
 from rlft.rewards.base import evaluate
@@ -60,9 +68,6 @@ from rlft.sampling import sample
 
 FORMAT = "rlft-smeme"
 FORMAT_VERSION = 1
-ALPHA_SCHEDULES = ("constant", "increasing")
-#: defaults, per round (measured: see SMEMEOptions)
-DEFAULT_LR, DEFAULT_ROUND_ITERATIONS = 1e-2, 150
 ROUND_FILE = "round_{}.safetensors"
 #: grid cells per dimension of the exact round target, and its box in tempered component stds
 GRID_CELLS, GRID_STDS = 400, 7.0
@@ -76,68 +81,8 @@ KL_PRETRAINED = KL  # the path KL to the pretrained model: the standard figure's
 ROUNDS = "rounds"
 EXACT_ENTROPY = "exact_entropy"
 ENTROPY_CLOSURE = "entropy_closure"
-
-
-@dataclasses.dataclass(frozen=True)
-class SMEMEOptions(AdjointMatchingOptions):
-    """S-MEME's options (the YAML `learner:` keys besides `type`); `drift_iterations` counts updates PER ROUND.
-
-    Defaults: 3 rounds at alpha = 4 (beta = 0.42), 150 updates of 256 trajectories per round, lr 1e-2 (cosine to
-    lr_final each round). Measured on the 10:1 two-cluster bench task at K = 50 (one run, shared machine): lr 3e-3
-    reaches 26 / 40 / 38 % of the way to each round's exact target entropy with energy distance 1.8 / 4.5 / 8.4x the
-    floor (too slow); lr 1e-2 reaches the targets (PF-ODE estimates 1.65 / 2.05 / 2.34 against 1.72 / 2.09 / 2.43,
-    pretrained 1.18 estimated, 1.31 exact) at 1.1 / 1.4 / 2.4x the floor. NOT general yet: on the bench's second
-    mixture ("alt", 6:3:1, stds 0.5 / 0.3 / 0.4, K = 50) the same defaults move the estimate 1.93 -> 2.03 against an
-    exact 2.91 after 3 rounds (11 % of the way; small-cluster mass 0.105 -> 0.177, exact 0.220), although the energy
-    distance is 1.9x the floor (it barely sees a too-narrow spread at n = 2000). On the 10:1 mixture at K = 100
-    (`rlft bench smeme --tasks 10to1`, 221 s CPU): 1.27 -> 1.40 / 1.78 / 2.07 against 1.72 / 2.09 / 2.43 (71 % of
-    the way), energy distance 2.7 / 3.3 / 3.5x the floor, small-cluster mass 0.089 -> 0.177 (exact 0.280).
-    """
-
-    rounds: int = 3
-    """Mirror-descent rounds R (a list `alpha_schedule` fixes them: its length)."""
-    alpha: float = 4.0
-    """KL weight of each round (constant) or of the first (increasing: alpha_j = alpha * j); must be > 1."""
-    alpha_schedule: str | list[float] = "constant"
-    """constant | increasing | an explicit list [alpha_1, .., alpha_R] (each > 1)."""
-    entropy_samples: int = 2000
-    """Samples of each entropy / energy-distance figure in `evaluate` and at each round's end."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rounds < 1:
-            raise ConfigError(f"learner.rounds must be an integer >= 1 (got {self.rounds})")
-        if self.entropy_samples < 2:
-            raise ConfigError(f"learner.entropy_samples must be an integer >= 2 (got {self.entropy_samples})")
-        if isinstance(self.alpha_schedule, str) and self.alpha_schedule not in ALPHA_SCHEDULES:
-            raise ConfigError(f"learner.alpha_schedule must be one of {list(ALPHA_SCHEDULES)} or a list of numbers "
-                              f"(got {self.alpha_schedule!r})")
-        if isinstance(self.alpha_schedule, list) and not self.alpha_schedule:
-            raise ConfigError("learner.alpha_schedule must not be an empty list; give one alpha per round, e.g. [4, 8]")
-        for j, a in enumerate(self.alphas(), start=1):
-            if not (a > 1.0 and math.isfinite(a)):
-                key = "learner.alpha" if isinstance(self.alpha_schedule, str) else f"learner.alpha_schedule[{j - 1}]"
-                raise ConfigError(
-                    f"{key} must be > 1 (got alpha_{j} = {a}): round {j}'s target p_pre^beta, beta = prod (1 - 1/alpha_i), "
-                    "is normalisable on an unbounded support (every rlft chain samples R^d) only for beta > 0; "
-                    "use alpha > 1, e.g. 4")
-
-    def alphas(self) -> list[float]:
-        """[alpha_1, .., alpha_R]."""
-        if isinstance(self.alpha_schedule, list):
-            return [float(a) for a in self.alpha_schedule]
-        if self.alpha_schedule == "increasing":
-            return [self.alpha * j for j in range(1, self.rounds + 1)]
-        return [self.alpha] * self.rounds
-
-
-def round_exponents(alphas: list[float]) -> list[float]:
-    """beta_j = prod_{i <= j} (1 - 1/alpha_i): round j's exact target is p_pre^{beta_j} (normalised)."""
-    out, beta = [], 1.0
-    for a in alphas:
-        beta *= 1.0 - 1.0 / a
-        out.append(beta)
-    return out
+SAMPLE_ENTROPY = "sample_entropy"
+SAMPLE_ENTROPY_CLOSURE = "sample_entropy_closure"
 
 
 class SumControl:
@@ -159,23 +104,29 @@ def data_score(model: DiffusionModel, x: torch.Tensor) -> torch.Tensor:
 
 
 class EntropyGradient:
-    """The round's 'reward' for Adjoint Matching: value r(x) (0 without a task reward), gradient -s_ref(x) + grad r.
+    """The round's 'reward' for Adjoint Matching: value w r(x) (0 without a task reward), gradient -s_ref(x) + w grad r.
 
     Only the gradient of f_j = -log p_{j-1} is known (eq. 12), so its value part is (x - x.detach()) . g, which is 0
-    with gradient g = -s_ref(x) (detached: the score is the reward gradient, not differentiated again)."""
+    with gradient g = -s_ref(x) (detached: the score is the reward gradient, not differentiated again).
+    `reference` is the previous round's model (its score read at the data level) or a callable x -> s_{j-1}(x)."""
 
     differentiable = True
     name = "smeme_entropy"
 
-    def __init__(self, reference: DiffusionModel, reward=None) -> None:
-        self.reference, self.reward = reference, reward
+    def __init__(self, reference, reward=None, reward_weight: float = 1.0) -> None:
+        self.reference, self.reward, self.reward_weight = reference, reward, reward_weight
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.reference, DiffusionModel):
+            return data_score(self.reference, x)
+        return self.reference(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            g = -data_score(self.reference, x.detach())  # grad f = -s^{j-1}
+            g = -self.score(x.detach())  # grad f = -s^{j-1}
         value = ((x - x.detach()) * g).flatten(1).sum(1)  # (B,): 0, gradient g
         if self.reward is not None:
-            value = value + evaluate(self.reward, x)
+            value = value + self.reward_weight * evaluate(self.reward, x)
         return value
 
 
@@ -245,7 +196,7 @@ class SMEMELearner(AdjointMatchingLearner):
         reference = self.reference()
         saved = self.model, self.reward, self.task
         self.model = reference  # rollout through pi_{j-1} + this round's control; lean adjoint through pi_{j-1}
-        self.reward = EntropyGradient(reference, saved[1])
+        self.reward = self.entropy_gradient(reference, saved[1])
         self.task = dataclasses.replace(saved[2], alpha=self.alphas()[self.round])
         try:
             surrogate, out = super().objective()
@@ -253,6 +204,19 @@ class SMEMELearner(AdjointMatchingLearner):
             self.model, self.reward, self.task = saved
         out["round"] = float(self.round + 1)
         return surrogate, out
+
+    def entropy_gradient(self, reference: DiffusionModel, reward) -> EntropyGradient:
+        """The round's reward gradient -s^{j-1} (+ the task reward's share of grad r), `previous_score` deciding how
+        s^{j-1} is read. terminal: s^i = s^{i-1} + grad f_i / alpha_i with grad f_i = -s^{i-1} + grad r gives
+        s^i = beta_i s_pre + gamma_i grad r, gamma_i = (1 - 1/alpha_i) gamma_{i-1} + 1/alpha_i, so
+        grad f_j = -beta_{j-1} s_pre + (1 - gamma_{j-1}) grad r."""
+        if self.options.previous_score == "network":
+            return EntropyGradient(reference, reward)
+        beta, gamma = 1.0, 0.0
+        for a in self.alphas()[: self.round]:
+            beta, gamma = beta * (1.0 - 1.0 / a), (1.0 - 1.0 / a) * gamma + 1.0 / a
+        base = self.base
+        return EntropyGradient(lambda x: beta * data_score(base, x), reward, 1.0 - gamma)
 
     def update(self) -> dict[str, float]:
         if self.drift_updates >= (self.round + 1) * self.options.drift_iterations and self.round + 1 < self.options.rounds:
@@ -272,7 +236,27 @@ class SMEMELearner(AdjointMatchingLearner):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.task.seed) + self.round)
             self._new_round_network()
+        if self.options.warm_start:
+            self._warm_start(net, self.warm_start_scale(self.round))
         self.clip_thresholds = {}
+
+    def warm_start_scale(self, j: int) -> float:
+        """rho of round j + 1 (j >= 1, 0-based as `round`): (beta_j / alpha_{j+1}) / (beta_{j-1} / alpha_j)."""
+        alphas, betas = self.alphas(), [1.0] + round_exponents(self.alphas())
+        return (betas[j] / alphas[j]) / (betas[j - 1] / alphas[j - 1])
+
+    def _warm_start(self, previous: torch.nn.Module, scale: float) -> None:
+        """This round's network := `previous` with its output layer (the last Linear) scaled by `scale`."""
+        linear = [m for m in previous.modules() if isinstance(m, torch.nn.Linear)]
+        if not linear:
+            return
+        self.drift_net.load_state_dict(previous.state_dict())
+        out = [m for m in self.drift_net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            out.weight.mul_(scale)
+            out.bias.mul_(scale)
+        self.drift_net.requires_grad_(True)
+        self.drift_opt = torch.optim.Adam(self._drift_params, lr=self.options.lr)
 
     def _new_round_network(self) -> None:
         o = self.options
@@ -313,6 +297,7 @@ class SMEMELearner(AdjointMatchingLearner):
         with torch.enable_grad():
             out[ENTROPY] = ode_entropy(model, n, seed)
         tuned = sample(self.base, n, control=model.control, seed=seed, progress=False)
+        out[SAMPLE_ENTROPY] = knn_entropy(tuned.x)
         out[KL_PRETRAINED] = float(tuned.kl.double().mean())
         previous = self.round_model(j - 1)
         own = SumControl(model.control.controls[j - 1:])  # round j's displacement over pi_{j-1}
@@ -333,6 +318,7 @@ class SMEMELearner(AdjointMatchingLearner):
         out: dict[str, Any] = {}
         with torch.enable_grad():
             out[ENTROPY] = ode_entropy(self.base, n, seed)
+        out[SAMPLE_ENTROPY] = knn_entropy(sample(self.base, n, seed=seed, progress=False).x)
         exact = self.exact_target(1.0)
         if exact is not None:
             out[EXACT_ENTROPY] = exact[0]
@@ -348,6 +334,8 @@ class SMEMELearner(AdjointMatchingLearner):
         pre = out[PRETRAINED] = self.pretrained_figures(num_samples, seed)  # same x_0: common random numbers
         if TARGET_ENTROPY in out:  # the estimate's share of the way to the exact target (biases of the ODE cancel)
             out[ENTROPY_CLOSURE] = (out[ENTROPY] - pre[ENTROPY]) / (out[TARGET_ENTROPY] - pre[EXACT_ENTROPY])
+            out[SAMPLE_ENTROPY_CLOSURE] = ((out[SAMPLE_ENTROPY] - pre[SAMPLE_ENTROPY])
+                                           / (out[TARGET_ENTROPY] - pre[EXACT_ENTROPY]))
         out[ROUNDS] = {str(f["round"]): {k: v for k, v in f.items() if k != "round"} for f in rounds}
         out[OBJECTIVE] = out[ENTROPY]  # what `rlft sweep` ranks trials by
         out["num_samples"] = num_samples

@@ -10,6 +10,7 @@ import torch
 
 import rlft.control.adjoint_matching as am
 from rlft.config import ConfigError, task_from_dict
+from rlft.control.networks import NetworkControl
 from rlft.control.smeme import EntropyGradient, SMEMELearner, SMEMEOptions, data_score, round_exponents
 from rlft.entropy import gaussian_entropy
 from rlft.learners import build_learner, check_learner_spec
@@ -121,7 +122,7 @@ def test_round_two_is_regularised_towards_round_one(gmm_factory, monkeypatch):
     """At the start of round 2 (fresh zero network) the KL to the reference is 0 only if the reference is round 1's
     model, the trajectories come from round 1's model (shifted by its control), and the lean adjoint runs through it."""
     model = gmm_factory(10)
-    learner = _learner(model, rounds=2, drift_iterations=1, entropy_samples=64)
+    learner = _learner(model, rounds=2, drift_iterations=1, entropy_samples=64, warm_start=False, previous_score="network")
     _set_constant_round(learner, 2.0)
     assert learner.round == 1
     seen = {}
@@ -156,13 +157,74 @@ def test_round_two_is_regularised_towards_round_one(gmm_factory, monkeypatch):
 
 def test_control_is_the_sum_of_the_rounds(gmm_factory):
     model = gmm_factory(10)
-    learner = _learner(model, rounds=3, drift_iterations=1, entropy_samples=64)
+    learner = _learner(model, rounds=3, drift_iterations=1, entropy_samples=64, warm_start=False)
     _set_constant_round(learner, 1.0)
     _set_constant_round(learner, 0.5)
     x = torch.zeros(3, 2, dtype=torch.float64)
     c = learner._control.scales[5]
     assert torch.allclose(learner.control()(5, x, None), torch.full_like(x, 1.5 * c))
     assert len(learner.round_figures) == 2 and learner.round == 2
+
+
+def test_terminal_previous_score_is_the_exact_round_recursion(gaussian_chain_factory):
+    """previous_score terminal: round j's reward gradient is -s^{j-1} + grad r with s^{j-1} the data-level score of the
+    exact previous round target. Pinned on a Gaussian p_pre = N(m, v I) and a linear reward r = b.x, where each round's
+    target p_j ∝ p_{j-1}^{1 - 1/alpha_j} exp(r / alpha_j) is a Gaussian by the product of densities (precision
+    (1 - 1/alpha) / v_{j-1}, mean from the linear term)."""
+    from rlft.rewards.base import evaluate
+
+    model = gaussian_chain_factory([0.5, -1.0], std=0.6, num_steps=10)
+    b = torch.tensor([0.7, -0.3], dtype=torch.float64)
+
+    class Linear:
+        differentiable = True
+
+        def __call__(self, x):
+            return x @ b
+
+    alphas = [2.0, 4.0, 3.0]
+    learner = _learner(model, alpha_schedule=alphas, drift_iterations=1, entropy_samples=64, previous_score="terminal")
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s_pre = data_score(model, x)
+    mean, prec = model.marginal(9).means[0], 1.0 / float(model.marginal(9).stds[0]) ** 2  # the level the score is read at
+    for j, alpha in enumerate(alphas):
+        learner.frozen = [learner.drift_net] * j  # round j (0-based)
+        f = learner.entropy_gradient(learner.reference(), Linear())
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(evaluate(f, xg).sum(), xg)
+        s_prev = -(x - mean) * prec  # the exact previous round's score
+        assert torch.allclose(grad, -s_prev + b, atol=1e-10), j
+        if j == 0:
+            assert torch.allclose(s_prev, s_pre, atol=1e-10)
+        # p_j: precision (1 - 1/alpha) prec, mean m + b / (alpha (1 - 1/alpha) prec) ... from -prec_j (x - m_j)
+        new_prec = (1.0 - 1.0 / alpha) * prec
+        mean = (new_prec * mean + b / alpha) / new_prec
+        prec = new_prec
+
+
+def test_network_previous_score_reads_the_previous_chain(gmm_factory):
+    model = gmm_factory(10)
+    learner = _learner(model, rounds=2, drift_iterations=1, entropy_samples=64, previous_score="network", warm_start=False)
+    _set_constant_round(learner, 2.0)
+    f = learner.entropy_gradient(learner.reference(), None)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(x).sum(), x)
+    assert torch.allclose(grad, -(data_score(model, x.detach()) + 2.0))  # s_pre + round 1's score shift of 2
+
+
+def test_warm_start_scales_the_previous_round(gmm_factory):
+    """Round 2 starts as round 1's network times rho = (beta_1 / alpha_2) / (beta_0 / alpha_1): alphas [2, 4] give the
+    data-level score increments -s_pre / 2 and -s_pre / 8, rho = 0.25."""
+    model = gmm_factory(10)
+    learner = _learner(model, alpha_schedule=[2.0, 4.0], drift_iterations=1, entropy_samples=64, warm_start=True)
+    assert learner.warm_start_scale(1) == pytest.approx(0.25)
+    torch.nn.init.normal_(learner.drift_net.net[-1].weight, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = learner._control(4, x).detach()
+    learner.next_round()
+    assert torch.allclose(learner._control(4, x), 0.25 * before)
+    assert learner.frozen[0] is not learner.drift_net and all(p.requires_grad for p in learner.drift_net.parameters())
+    assert torch.allclose(NetworkControl(model, learner.frozen[0])(4, x), before)
 
 
 # -- tasks without a reward ---------------------------------------------------------------------------------------
