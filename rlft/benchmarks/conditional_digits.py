@@ -171,7 +171,7 @@ def _grid(before, after, labels, split, path: str, title: str) -> str:
     import torch
 
     rows, cols = len(labels), IMAGES_PER_ROW
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.75 * rows + 1.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * rows + 0.8), layout="constrained")
     for ax, imgs, name in ((axes[0], before, "pretrained"), (axes[1], after, "fine-tuned (LoRA)")):
         canvas = -torch.ones(rows * 9 - 1, cols * 9 - 1)  # white background, 1-pixel gutters
         for r, x in enumerate(imgs):
