@@ -34,7 +34,7 @@ def register_arguments(p) -> None:
                    help="pretraining steps of the score net, one row each (default 100 300)")
     p.add_argument("--scorenet-updates", type=int, default=1500, help="discriminator updates, scorenet (default 1500)")
     p.add_argument("--digits-steps", type=int, default=150, help="training steps of the digits UNet (default 150)")
-    p.add_argument("--digits-updates", type=int, default=400, help="discriminator updates, digits (default 400)")
+    p.add_argument("--digits-updates", type=int, default=1500, help="discriminator updates, digits (default 1500)")
     p.add_argument("--digits-objective", choices=["ce", "mse", "mse_ce"], default="ce",
                    help="the digits discriminator's objective (default ce: J_MSE needs a UNet call per level and step)")
     p.add_argument("--digits-num-steps", type=int, default=25, help="chain steps K of the digits UNet (default 25)")
@@ -73,7 +73,7 @@ def refine(model, learner: dict[str, Any], updates: int, seed: int, num_samples:
     lrn = build_learner(task, model, None)  # the model is given: the task's model entry is a placeholder
     start = time.process_time()
     while lrn.drift_updates < lrn.options.drift_iterations:
-        lrn.train_iteration()
+        lrn.final_metrics = lrn.train_iteration()  # the last iteration's losses (ce_loss ln 2 = 0.693: chance)
     train_s = time.process_time() - start
     return lrn.evaluate(num_samples=num_samples, seed=seed + 1), lrn, train_s
 
@@ -215,11 +215,13 @@ def digits_section(args) -> dict[str, Any]:
     plain = sample(chain, n, seed=args.seed + 5, progress=False).x.float()  # the same noise: a paired comparison
     out = {"unet_steps": args.digits_steps, "unet_s": unet_s, "updates": args.digits_updates, "train_s": train_s,
            "objective": args.digits_objective, "num_samples": n, "frechet_floor": floor,
+           "final_metrics": lrn.final_metrics,
            "data_not_a_digit": label_figures(classifier, hold_x, labels)["not_a_digit"],
            "pretrained": digits_figures(classifier, plain, ref, labels),
            "refined": digits_figures(classifier, refined, ref, labels)}
     out["png"] = digits_grid(plain, refined, hold_x, args.out)
     p, r = out["pretrained"], out["refined"]
+    log(f"digits: discriminator's last losses {lrn.final_metrics}")
     log(f"digits: Fréchet {p['frechet']:.2f} -> {r['frechet']:.2f} (floor {floor:.2f}), label TV {p['label_tv']:.3f} -> "
         f"{r['label_tv']:.3f}, not a digit {p['not_a_digit']:.3f} -> {r['not_a_digit']:.3f} ({train_s:.0f} CPU s)")
     return out
@@ -235,11 +237,12 @@ def digits_grid(plain, refined, real, out: str, n: int = 64) -> str:
     def grid(x):
         side = math.isqrt(min(n, x.shape[0]))
         x = x[: side * side, 0].clamp(-1, 1).numpy()  # (side^2, 8, 8)
-        return x[: side * side].reshape(side, side, 8, 8).transpose(0, 2, 1, 3).reshape(side * 8, side * 8)
+        x = np.pad(x, ((0, 0), (0, 1), (0, 1)), constant_values=-1.0)  # a blank line between digits, (side^2, 9, 9)
+        return x.reshape(side, side, 9, 9).transpose(0, 2, 1, 3).reshape(side * 9, side * 9)
 
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
     for ax, (title, x) in zip(axes, [("held-out digits", real), ("pretrained (short)", plain), ("refined (DG)", refined)]):
-        ax.imshow(grid(x), cmap="gray_r", vmin=-1, vmax=1)
+        ax.imshow(grid(x), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
