@@ -9,7 +9,9 @@ a global batch of B paths (`--batch-size`), one drift update per iteration, wall
                    else is started, so the runner's N = 1 path is this one exactly), before and after the Train runs;
     train N=1      a TorchTrainer of one worker (forced here; the runner never does this) running what each rank
                    of `rlft train` runs per iteration: `rlft.run.parallel.Rank.train_iteration` (gradient
-                   all-reduce, metric gather) and one `ray.train.report`; interleaved update by update, in the same
+                   all-reduce, metric gather) and `rlft.run.train_workers.report` (a one-number broadcast, and a
+                   `ray.train.report` every `--report-every` iterations: rows are reported at checkpoints, every
+                   iteration only with run.checkpoint_every = 0); interleaved update by update, in the same
                    worker, with a plain `train_iteration()` of a second learner: the ratio is Train's overhead;
     train N=2      two Train workers (gloo), B/2 paths each, against the in-process time.
 The worker group's start (`fit` wall time minus the timed loop) is reported on its own.
@@ -68,6 +70,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-steps", type=int, default=10, help="chain steps K (default 10)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch B per update (default 32)")
     p.add_argument("--updates", type=int, default=3, help="timed updates per setting (default 3)")
+    p.add_argument("--report-every", type=int, default=1,
+                   help="iterations per Train report (1: every one, as with run.checkpoint_every 0; default 1)")
     p.add_argument("--reward-batch-size", type=int, default=256, help="rows per reward chunk (default 256)")
     p.add_argument("--reward-batches", type=int, default=16, help="chunks per timed reward call (default 16)")
     p.add_argument("--reward-hidden", type=int, default=1024, help="hidden units of the bench reward (default 1024)")
@@ -131,9 +135,13 @@ def _train_worker(config: dict[str, Any]) -> None:
     start = time.perf_counter()
     group.sync()
 
-    def step() -> None:
+    done = [0]
+
+    def step() -> None:  # rank 0 has a row to report every `report_every` iterations (a checkpoint's rows, no files)
         group.train_iteration()
-        train_workers.report([], None)
+        done[0] += 1
+        due = group.rank == 0 and done[0] % config["report_every"] == 0
+        train_workers.report([{"iteration": done[0]}] if due else [], None)
 
     steps = [step]
     if group.world == 1:
@@ -158,7 +166,8 @@ def _train_run(a: argparse.Namespace, workers: int, model_dir: str) -> dict[str,
     gpu = a.device == "cuda"
     with tempfile.TemporaryDirectory(prefix="rlft_bench_scale_") as storage:
         trainer = TorchTrainer(
-            _train_worker, train_loop_config={"task": task_data(a, workers, model_dir), "updates": a.updates, "device": a.device},
+            _train_worker, train_loop_config={"task": task_data(a, workers, model_dir), "updates": a.updates, "device": a.device,
+                                              "report_every": a.report_every},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
                                                    resources_per_worker={"CPU": 1.0, **({"GPU": 0.5} if gpu else {})}),
             run_config=ray.train.RunConfig(name=f"scale{workers}", storage_path=storage))

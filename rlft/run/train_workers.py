@@ -3,9 +3,9 @@
 The Tune trial's process (`fit`) builds a `TorchTrainer` whose `train_loop_per_worker` is the trial loop of
 `rlft.run.trial` (`worker_main`) on N Train workers, each with `run.cpus_per_worker` CPUs and
 `run.gpus_per_worker` GPUs (gloo on CPU, NCCL on GPU; Train starts the process group), and the ranks keep in
-step through `rlft.run.parallel.Rank`. Every rank calls `ray.train.report` once per iteration (Train's report
-is a barrier over the ranks); only rank 0's carries rows (`ROWS`) and, when one is due, the trial checkpoint it
-wrote in rlft's format. On Train's controller a callback (`_Forward`) hands each batch of rows and its checkpoint
+step through `rlft.run.parallel.Rank`. When rank 0 has rows to report (at a checkpoint, or every iteration with
+run.checkpoint_every = 0) every rank calls `ray.train.report` (Train's report is a barrier over the ranks; `report`
+broadcasts rank 0's decision); only rank 0's carries rows (`ROWS`) and the trial checkpoint it wrote in rlft's format. On Train's controller a callback (`_Forward`) hands each batch of rows and its checkpoint
 to the Tune trial's process, which reports them to Tune exactly as the one-worker loop does (the rows, the last
 with the checkpoint, which Tune copies into the trial's storage) and only then lets Train go on.
 
@@ -81,9 +81,18 @@ def get_checkpoint(loop_config: dict[str, Any]):
 
 
 def report(rows: list[dict[str, Any]], directory: str | None) -> None:
-    """This rank's report of one iteration: rank 0's rows (none between checkpoints) and its checkpoint, if any."""
+    """Called by every rank once per iteration: when rank 0 has rows to report (with its checkpoint, if any), every
+    rank calls `ray.train.report` (a barrier over the ranks; ranks >= 1 report nothing), else none does. Rank 0's
+    decision reaches the others by a one-number broadcast over the process group, so between checkpoints an
+    iteration pays no Train report at all."""
     import ray.train
+    import torch
+    import torch.distributed as dist
 
+    due = torch.tensor([1 if rows else 0], device=device())
+    dist.broadcast(due, src=0)
+    if not int(due.item()):
+        return
     ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
     ray.train.report({ROWS: rows} if rows else {}, checkpoint=ckpt)
 

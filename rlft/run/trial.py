@@ -151,7 +151,7 @@ def train_loop(task: TaskConfig, run: RunConfig, label: str, ckpt, report: Repor
         if it != before + 1:
             raise RuntimeError(f"{type(learner).__name__}.train_iteration() must add 1 to iteration ({before} -> {it})")
         if rank > 0:
-            report([], None)  # in step with rank 0's report (Train's report is a barrier over the ranks)
+            report([], None)  # in step with rank 0's (rlft.run.train_workers.report: Train's report is a barrier)
             continue
         final = it >= run.iterations
         if not last_eval or it % run.eval_every == 0 or final:
