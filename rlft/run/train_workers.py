@@ -28,6 +28,7 @@ a report waits for the previous one to be polled, so this sets it to `HEALTH_CHE
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -57,8 +58,10 @@ def world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+@functools.cache
 def device() -> str:
-    """The torch device Train gave this worker ("cuda:i" or "cpu")."""
+    """The torch device Train gave this worker ("cuda:i" or "cpu"; asked once per process: `report` needs it
+    every iteration)."""
     import ray.train.torch
 
     return str(ray.train.torch.get_device())
