@@ -11,6 +11,10 @@ digits    The digits UNet (`rlft.tasks.digits_unet`) trained deliberately short 
           in the digit classifier's feature space (its penultimate layer, `digit_features`) to held-out digits and
           its floor (training digits against held-out ones), the total variation between the predicted-label
           histogram and the data's label histogram, the "not a digit" fraction, and a sample grid PNG.
+
+Measured (defaults, one thread, shared machine): scorenet, energy distance to 4000 fresh draws (floor 0.011)
+0.091 -> 0.035 after 100 pretraining steps, 0.032 -> 0.031 after 300; digits, Fréchet 80.1 -> 53.2 (floor 21.1),
+label TV 0.216 -> 0.133, not a digit 0.028 -> 0.036 (400 CE updates instead of 1500 changed nothing: 80.1 -> 80.1).
 """
 
 from __future__ import annotations
