@@ -55,7 +55,8 @@ the bench's 2-D task at alpha = 0.1 (one seed, 2000 evaluation samples; `rlft be
   KL 5.5); at batch 1024 the lean adjoint overflowed float32 on a rare path (non-finite gradient at update 53).
 
 With the whole default schedule (1600 updates, 426 CPU s) the same task reaches gap 0.975 but 4.56x the floor (KL 3.80;
-0.939 / 11.8x at 400 updates, 0.974 / 4.1x at 800): the gap goal is met there, the energy-distance goal (<= 2x) not.
+0.939 / 11.8x at 400 updates, 0.974 / 4.1x at 800): the gap goal is met there, the energy-distance goal (<= 2x) not;
+alpha = 0.3: 0.941 / 2.47x, KL 2.52, 384 s (0.945 / 2.26x at 1200 updates).
 
 Two attempts at the fixed point, both options (off by default; 2-D task, alpha = 0.1, 200 updates, one seed):
 - backward sweep (`backward_sweep`): step k's target depends on the controls of steps >= k, so a front that moves
