@@ -29,7 +29,12 @@ class SMEMEOptions(AdjointMatchingOptions):
       (6:3:1, stds 0.5 / 0.3 / 0.4) 11 %: the score read at level K-1 has the least weight in the regression
       (c_k^2 / s_k^2 ~ s_k^2) and its error grew 0.33 / 0.78 / 1.37 (relative, vs beta_j s_pre) over the rounds;
     - uniform weighting (the default): alt closure 0.66 / 0.75 / 0.96, knn 2.20 -> 2.50, off 0.025 -> 0.074,
-      energy distance 2.7x the floor;
+      energy distance 2.7x the floor; NOT general: 10:1 closure 1.18 / 1.04 / 1.06 but 1.1 / 2.3 / 4.8x the floor
+      (small-cluster mass 0.089 -> 0.149 against the exact 0.270: the big cluster spreads, little mass moves);
+      "skew" (15:4:1, stds 0.6 / 0.25 / 0.35) 0.06 / -0.18 / -0.03 and 12x, the level-(K-1) score error 0.33 /
+      0.76 / 1.31 again;
+    - path_kl weighting with previous_score terminal: alt 0.33 / 0.27 / 0.19, 2.0x (rounds 2-3 barely move: the
+      high-noise steps this weighting favours set the mode masses, small 0.105 -> 0.166 of 0.212, not the spread);
     - + previous_score terminal: 0.66 / 0.59 / 0.76, knn 2.44, off 0.051, 2.3x; + warm_start and batch 512 x 100:
       0.15 / 0.49 / 0.63, knn 2.40, off 0.040, 1.9x; + clipping at 0.99 (batch 256 x 100): 0.68 / 0.57 / 0.61,
       knn 2.68 but off 0.109 and 6.9x the floor (the terminal score keeps pushing mass the previous round already
